@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install the Debian tools the tests and benchmarks use, only when missing.
+set -euo pipefail
+need=()
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v hey >/dev/null 2>&1 || need+=(hey)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" != "0" ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "system-deps: missing ${need[*]} and not root: install them with apt-get" >&2; exit 1
+  fi
+fi
+echo "system-deps: installing ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# The Debian packages start services we do not want running beside the tests.
+for svc in nginx prometheus; do
+  (command -v systemctl >/dev/null 2>&1 && $SUDO systemctl stop "$svc" >/dev/null 2>&1) || true
+  pkill -x "$svc" >/dev/null 2>&1 || true
+done

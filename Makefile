@@ -1,0 +1,43 @@
+# canary-proxy: `make demo` sets everything up and runs the demo; `make test` runs every check.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: setup system-deps demo test lint bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Python environment: .venv with the package (editable) and the dev tools.
+setup: $(VENV)/.installed
+
+# Debian tools the tests and benchmarks drive: nginx, wrk, hey, promtool, chromium (apt, when missing).
+system-deps:
+	bash .ci/system-deps.sh
+
+# The main job on a built-in default: demo upstreams, the proxy, traffic, a rollout and a rollback.
+demo: setup
+	$(PYTHON) -m proxy demo
+
+lint: setup
+	$(VENV)/bin/ruff check proxy tests loadtests
+	$(VENV)/bin/mypy --strict proxy
+	$(VENV)/bin/hadolint Dockerfile
+
+# The whole test suite (what CI runs).
+test: setup system-deps lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# Full comparison with nginx: 3 rounds x 10 s per scenario, 1 GiB transfers, 10k idle connections.
+bench: setup system-deps
+	$(PYTHON) -m loadtests.bench
+
+# CI-sized: 1 round x 3 s, 64 MiB transfers, 1000 idle connections (about 1-2 minutes).
+bench-quick: setup system-deps
+	$(PYTHON) -m loadtests.bench --quick
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache loadtests/.work

@@ -1,0 +1,1 @@
+"""Benchmark suite: canary-proxy measured side by side with nginx (entry point: ``bench.py``)."""

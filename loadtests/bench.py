@@ -1,0 +1,292 @@
+"""canary-proxy vs nginx, side by side in one run: ``python -m loadtests.bench [--quick]``.
+
+Starts an upstream nginx, an upload sink, the nginx proxy and canary-proxy (same routing), runs the
+selected scenarios alternating between the two proxies, prints a table per scenario and rewrites
+loadtests/RESULTS.md. Every process it starts is stopped on exit, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # allow `python loadtests/bench.py` as well as `-m loadtests.bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtests import clients, nginx, report, scenarios
+from loadtests.harness import (
+    BenchError,
+    Cores,
+    Proc,
+    machine_info,
+    pinned,
+    port_free,
+    raise_nofile,
+    sigterm_as_interrupt,
+    wait_port,
+)
+from loadtests.topology import Files, Ports, proxy_config
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+@dataclass(frozen=True)
+class Options:
+    rounds: int
+    duration: float
+    scenarios: tuple[int, ...]
+    quick: bool
+    workers: int
+    self_test: bool
+    base_port: int
+    stream_size: int
+    idle_count: int
+    python: str
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 round x 3 s, 64 MiB transfers, 1000 idle connections (CI-sized)",
+    )
+    p.add_argument("--rounds", type=int, help="rounds per scenario (default 3, quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per wrk run (default 10, quick 3)")
+    p.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma list of 1-7 (7 = worker scaling)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes for both proxies (passed through)"
+    )
+    p.add_argument(
+        "--self-test",
+        action="store_true",
+        help="put a second nginx in canary-proxy's slot: every ratio should come out near 1.0",
+    )
+    p.add_argument("--base-port", type=int, default=28000, help="all ports are derived from this one")
+    p.add_argument("--stream-mib", type=int, help="size of the streamed transfers (default 1024, quick 64)")
+    p.add_argument("--idle", type=int, help="idle connections for scenario 5 (default 10000, quick 1000)")
+    p.add_argument("--python", default=str(REPO / ".venv/bin/python"), help="interpreter for canary-proxy")
+    a = p.parse_args(argv)
+    chosen = tuple(sorted({int(x) for x in a.scenarios.split(",") if x.strip()}))
+    if not chosen or not set(chosen) <= set(scenarios.SCENARIOS):
+        p.error(f"--scenarios must name some of {sorted(scenarios.SCENARIOS)}")
+    return Options(
+        rounds=a.rounds or (1 if a.quick else 3),
+        duration=a.duration or (3.0 if a.quick else 10.0),
+        scenarios=chosen,
+        quick=a.quick,
+        workers=max(1, a.workers),
+        self_test=a.self_test,
+        base_port=a.base_port,
+        stream_size=(a.stream_mib or (64 if a.quick else 1024)) * 2**20,
+        idle_count=a.idle or (1000 if a.quick else 10_000),
+        python=a.python if Path(a.python).exists() else sys.executable,
+    )
+
+
+def ensure_tools() -> None:
+    """Install nginx, wrk and curl from Debian when one is missing (install.sh needs root)."""
+    if all(shutil.which(t) for t in ("nginx", "wrk", "curl", "taskset")):
+        return
+    print("installing nginx-light, wrk, curl (loadtests/install.sh) ...", flush=True)
+    subprocess.run(["bash", str(HERE / "install.sh")], check=True)
+
+
+def proxy_support(python: str) -> tuple[bool, bool]:
+    """(canary-proxy runs at all, it accepts ``run --workers``), judged from ``run --help``."""
+    try:
+        done = subprocess.run(
+            [python, "-m", "proxy", "run", "--help"], capture_output=True, text=True, timeout=30, cwd=REPO
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False, False
+    return done.returncode == 0, "--workers" in done.stdout
+
+
+def plan_cores(workers: int) -> Cores:
+    cores = Cores.plan()
+    if workers == 1 or cores.proxy is None:
+        return cores
+    cpus = sorted(os.sched_getaffinity(0))
+    if workers >= len(cpus):
+        return Cores(proxy=None, load=None)  # no core left for the load side: don't pretend to isolate
+    return Cores(proxy=",".join(map(str, cpus[:workers])), load=",".join(map(str, cpus[workers:])))
+
+
+class Bench:
+    """Owns the work dir and every process of one run."""
+
+    def __init__(self, opts: Options, stack: contextlib.ExitStack):
+        self.opts = opts
+        self.stack = stack
+        self.ports = Ports(opts.base_port)
+        self.cores = plan_cores(opts.workers)
+        self.work = HERE / ".work" / "run"
+        self.files = Files(self.work, opts.stream_size)
+        self.runs, self.supports_workers = proxy_support(opts.python)
+        self.ours_cmd: list[str] = []
+        self.nofile = raise_nofile(65536)
+
+    def start(self, name: str, cmd: list[str], port: int, cpus: str | None) -> Proc:
+        proc = Proc(name, pinned(cmd, cpus), self.work, env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.stack.callback(proc.stop)
+        wait_port(port, proc)
+        return proc
+
+    def start_nginx(self, name: str, port: int, workers: int) -> Proc:
+        prefix = self.work / name
+        conf = nginx.write_proxy(prefix, port, self.ports, workers, self.nofile)
+        return self.start(name, nginx.command(prefix, conf), port, self.cores.proxy)
+
+    def ours_command(self, config: Path, workers: int) -> list[str]:
+        cmd = [self.opts.python, "-m", "proxy", "run", "-c", str(config)]
+        if self.supports_workers and (workers > 1 or self.opts.workers > 1):
+            cmd += ["--workers", str(workers)]
+        return cmd
+
+    def setup(self) -> tuple[scenarios.Target, scenarios.Target]:
+        if not self.opts.self_test and not self.runs:
+            raise BenchError(
+                "canary-proxy does not run yet (`python -m proxy run --help` failed); "
+                "use --self-test to check the harness with nginx in both slots"
+            )
+        busy = [p for p in self.ports.all() if not port_free(p)]
+        if busy:
+            raise BenchError(f"ports already in use: {busy} (another bench running? try --base-port)")
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.files.create()
+        load = self.cores.load
+        self.start(
+            "sink", [self.opts.python, "-m", "loadtests.sink", str(self.ports.sink)], self.ports.sink, load
+        )
+        prefix = self.work / "upstream"
+        conf = nginx.write_upstream(prefix, self.ports, self.files, self.nofile)
+        self.start("upstream", nginx.command(prefix, conf), self.ports.stable, load)
+        theirs = self.start_nginx("nginx-proxy", self.ports.nginx, self.opts.workers)
+        if self.opts.self_test:
+            ours = self.start_nginx("nginx-selftest", self.ports.ours, self.opts.workers)
+            label = "nginx (self-test)"
+        else:
+            config = self.work / "canary-proxy.yaml"
+            config.write_text(proxy_config(self.ports.ours, self.ports.admin, self.ports))
+            self.ours_cmd = self.ours_command(config, self.opts.workers)
+            ours = self.start("canary-proxy", self.ours_cmd, self.ports.ours, self.cores.proxy)
+            label = "canary-proxy"
+        return (
+            scenarios.Target(report.OURS, label, self.ports.ours, ours.pid),
+            scenarios.Target(report.NGINX, "nginx", self.ports.nginx, theirs.pid),
+        )
+
+    @contextlib.contextmanager
+    def spawn_ours(self, workers: int) -> Iterator[scenarios.Target]:
+        """An extra, unpinned canary-proxy with ``workers`` workers, for the scaling line."""
+        config = self.work / f"scaling-{workers}.yaml"
+        config.write_text(proxy_config(self.ports.scaling, self.ports.scaling_admin, self.ports))
+        cmd = [self.opts.python, "-m", "proxy", "run", "-c", str(config), "--workers", str(workers)]
+        with contextlib.ExitStack() as own:
+            proc = Proc(
+                f"canary-proxy-w{workers}", cmd, self.work, env={**os.environ, "PYTHONPATH": str(REPO)}
+            )
+            own.callback(proc.stop)
+            wait_port(self.ports.scaling, proc)
+            yield scenarios.Target(report.OURS, f"canary-proxy x{workers}", self.ports.scaling, proc.pid)
+
+    def metrics_line(self) -> str:
+        if self.opts.self_test:
+            return "canary-proxy /metrics: not applicable (self-test)"
+        url = f"http://127.0.0.1:{self.ports.admin}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                body = resp.read().decode(errors="replace")
+        except OSError as e:
+            return f"canary-proxy /metrics: unreachable ({e})"
+        series = sum(1 for line in body.splitlines() if line and not line.startswith("#"))
+        return f"canary-proxy /metrics at the end of the run: {series} series served"
+
+
+def setup_lines(opts: Options, bench: Bench, targets: tuple[scenarios.Target, scenarios.Target]) -> list[str]:
+    ours_desc = (
+        "a second nginx with the same config as the nginx proxy (--self-test)"
+        if opts.self_test
+        else f"`{' '.join(bench.ours_cmd)}`, access log off, rollout analysis on"
+    )
+    return [
+        f"{opts.rounds} round(s) x {opts.duration:g} s per scenario; in each round both proxies run once, "
+        "the order alternating between rounds",
+        bench.cores.describe(),
+        f"proxy workers: {opts.workers} for both; canary-proxy `run --workers` "
+        f"{'supported' if bench.supports_workers else 'not supported'}",
+        f"canary-proxy slot: {ours_desc}",
+        "nginx proxy: same routes (map on x-canary -> canary, split_clients on x-user-id 90/10), upstream "
+        "keepalive 64, access_log off, keepalive_requests unlimited",
+        "upstreams: one nginx (1 worker) serving identical fixed bodies as stable and canary, so upstream "
+        "cost is the same for both proxies; uploads relayed to a Python sink that discards the body",
+        f"load: wrk 1 thread, {scenarios.CONNECTIONS} connections; requests cycle through 1000 x-user-id "
+        "values, 1 in 100 with x-canary: always",
+        "peak RSS and CPU % are for the whole process tree (nginx master + worker; the Python process)",
+        *[f"{t.label} on 127.0.0.1:{t.port}" for t in targets],
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    ensure_tools()
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack, sigterm_as_interrupt():
+        bench = Bench(opts, stack)
+        if bench.cores.load:  # the harness itself is a client (routing checks, idle connections)
+            os.sched_setaffinity(0, {int(c) for c in bench.cores.load.split(",")})
+        try:
+            targets = bench.setup()
+            for t in targets:
+                print(f"routing check {t.label}: {clients.check_routing(t.port)}", flush=True)
+            ctx = scenarios.Context(
+                targets=targets,
+                rounds=opts.rounds,
+                duration=opts.duration,
+                cores=bench.cores,
+                work=bench.work,
+                files=bench.files,
+                idle_count=opts.idle_count,
+                spawn_ours=bench.spawn_ours if bench.supports_workers and not opts.self_test else None,
+            )
+            results: list[report.ScenarioResult] = []
+            for number in opts.scenarios:
+                t0 = time.monotonic()
+                result = scenarios.SCENARIOS[number](ctx)
+                if result is None:
+                    print(f"[{number}] skipped: canary-proxy does not accept `run --workers`\n", flush=True)
+                    continue
+                results.append(result)
+                print(report.console_table(result), f"\n  ({time.monotonic() - t0:.0f} s)\n", flush=True)
+            setup = [*setup_lines(opts, bench, targets), bench.metrics_line()]
+        except BenchError as e:
+            print(f"bench failed: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping every process started", file=sys.stderr)
+            return 130
+    command = "make bench-quick" if opts.quick else "make bench"
+    if argv is not None or sys.argv[1:] not in ([], ["--quick"]):
+        command = "python -m loadtests.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    # A self-test validates the harness; it must not overwrite the real comparison.
+    results_path = HERE / ".work" / "RESULTS-selftest.md" if opts.self_test else HERE / "RESULTS.md"
+    report.write_results(results_path, machine_info(opts.python), setup, results, command)
+    print("\n".join(report.summary(results)))
+    print(f"\nwrote {results_path.relative_to(REPO)} ({time.monotonic() - started:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

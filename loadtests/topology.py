@@ -1,0 +1,109 @@
+"""Ports, paths and the canary-proxy config the bench uses (kept apart from the lead's demo ports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Every request carries a user id so the 90/10 split is exercised; 1 in 100 also carries the
+# header rule's value, so both routing paths run on both proxies.
+USER_HEADER = "x-user-id"
+CANARY_HEADER = "x-canary"
+CANARY_VALUE = "always"
+STABLE_BODY = "stable v1\n"
+CANARY_BODY = "canary v2\n"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports, all derived from one base so a clash can be moved with ``--base-port``."""
+
+    base: int = 28000
+
+    @property
+    def stable(self) -> int:
+        return self.base + 1
+
+    @property
+    def canary(self) -> int:
+        return self.base + 2
+
+    @property
+    def sink(self) -> int:
+        return self.base + 3
+
+    @property
+    def ours(self) -> int:
+        return self.base + 80
+
+    @property
+    def nginx(self) -> int:
+        return self.base + 81
+
+    @property
+    def scaling(self) -> int:
+        return self.base + 82
+
+    @property
+    def admin(self) -> int:
+        return self.base + 901
+
+    @property
+    def scaling_admin(self) -> int:
+        return self.base + 902
+
+    def all(self) -> list[int]:
+        return [
+            self.stable,
+            self.canary,
+            self.sink,
+            self.ours,
+            self.nginx,
+            self.scaling,
+            self.admin,
+            self.scaling_admin,
+        ]
+
+
+@dataclass(frozen=True)
+class Files:
+    """Static content the upstream nginx serves (sizes chosen by --quick)."""
+
+    root: Path
+    stream_size: int
+
+    @property
+    def www(self) -> Path:
+        return self.root / "www"
+
+    @property
+    def blob(self) -> Path:
+        """Sparse file: served for the download test and read by curl for the upload test."""
+        return self.www / "blob.bin"
+
+    def create(self) -> None:
+        self.www.mkdir(parents=True, exist_ok=True)
+        (self.www / "64k.bin").write_bytes(b"x" * 65536)
+        with self.blob.open("wb") as f:
+            f.truncate(self.stream_size)
+
+
+def proxy_config(listen: int, admin: int, ports: Ports) -> str:
+    """canary-proxy YAML with the same routing as the nginx proxy, analysis and metrics on."""
+    return f"""\
+listen: 127.0.0.1:{listen}
+admin: 127.0.0.1:{admin}
+upstreams:
+  stable: {{endpoints: [http://127.0.0.1:{ports.stable}], version: v1}}
+  canary: {{endpoints: [http://127.0.0.1:{ports.canary}], version: v2}}
+routes:
+  - name: beta
+    match: {{headers: {{{CANARY_HEADER}: {{exact: {CANARY_VALUE}}}}}}}
+    to: canary
+  - name: default
+    split: {{stable: 90, canary: 10}}
+    sticky: {{header: {USER_HEADER}}}
+access_log: false
+limits: {{max_connections: 30000}}
+rollout: {{canary: canary, baseline: stable, window: 60s, min_requests: 100}}
+"""

@@ -1,0 +1,190 @@
+"""The admin listener: /metrics, /healthz, /readyz, /status, the status page and the POST actions.
+
+A separate aiohttp server on its own address, so nothing here is reachable through the data port.
+POSTs change the proxy; when the config has an admin token they need `Authorization: Bearer`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from proxy.analysis.rollout import COMMANDS, Command, CommandError
+from proxy.metrics import CONTENT_TYPE, make_registry, render
+from proxy.status import build_status, rollout_status
+
+if TYPE_CHECKING:
+    from proxy.app import ProxyApp
+
+log = logging.getLogger("canary_proxy.admin")
+
+STATUS_PAGE = Path(__file__).parent / "static" / "status.html"
+MAX_BODY = 64 * 1024  # POST bodies only carry an optional reason
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminServer:
+    """The admin HTTP server of one `ProxyApp`."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+        self.registry = make_registry(app)
+        self._runner: web.AppRunner | None = None
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application (routes + token middleware)."""
+        web_app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY)
+        web_app.router.add_get("/", self.page)
+        web_app.router.add_get("/metrics", self.metrics)
+        web_app.router.add_get("/healthz", self.healthz)
+        web_app.router.add_get("/readyz", self.readyz)
+        web_app.router.add_get("/status", self.status)
+        for command in COMMANDS:
+            web_app.router.add_post(f"/rollout/{command}", self._rollout_handler(command))
+        web_app.router.add_post("/config/reload", self.reload)
+        return web_app
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind and serve (port 0 picks a free port: see `bound_port`)."""
+        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Close the listener and any open admin connections."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        assert self._runner is not None, "AdminServer not started"
+        port: int = self._runner.addresses[0][1]
+        return port
+
+    # -- middleware --------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every POST needs the admin token when one is configured; GETs stay open (probes, scrapes)."""
+        if request.method == "POST" and not _same_origin(request):
+            # A browser page from elsewhere must not drive the rollout (CSRF); curl and the CLI send
+            # no Origin, the status page sends its own.
+            return web.json_response({"ok": False, "error": "cross-origin POST refused"}, status=403)
+        token = self.app.config.admin_token
+        if request.method == "POST" and token and request.match_info.http_exception is None:
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                value.strip().encode("utf-8"), token.encode("utf-8")
+            )
+            if not ok:
+                return web.json_response(
+                    {"ok": False, "error": "missing or wrong admin token"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="canary-proxy"'},
+                )
+        return await handler(request)
+
+    # -- GET -----------------------------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        """The status page, when it ships with the package."""
+        try:
+            body = STATUS_PAGE.read_bytes()
+        except OSError:
+            raise web.HTTPNotFound(text="status page not installed; see /status") from None
+        return web.Response(body=body, content_type="text/html", charset="utf-8")
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=render(self.registry), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok")
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        """Ready once the data listener is serving; 503 while draining so load balancers move away."""
+        app = self.app
+        if app.draining:
+            return web.Response(status=503, text="draining")
+        plane = app.plane
+        if plane is None or plane.server is None or not plane.server.is_serving():
+            return web.Response(status=503, text="not ready")
+        return web.Response(text="ready")
+
+    async def status(self, request: web.Request) -> web.StreamResponse:
+        return _json(build_status(self.app))
+
+    # -- POST ----------------------------------------------------------------------------------------
+
+    def _rollout_handler(self, command: Command) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.rollout(request, command)
+
+        return handle
+
+    async def rollout(self, request: web.Request, command: Command) -> web.StreamResponse:
+        """Apply an operator command; 409 when there is no rollout or it does not apply now."""
+        app = self.app
+        if app.controller is None or app.config.rollout is None:
+            return _json({"ok": False, "error": "no rollout is configured"}, status=409)
+        reason = await _reason(request)
+        try:
+            app.controller.command(command, reason)
+        except CommandError as exc:
+            return _json({"ok": False, "error": str(exc), "rollout": rollout_status(app)}, status=409)
+        except LookupError as exc:  # the rollout went away with a reload
+            return _json({"ok": False, "error": str(exc)}, status=409)
+        log.info("rollout %s via admin API%s", command, f" ({reason})" if reason else "")
+        return _json(rollout_status(app))
+
+    async def reload(self, request: web.Request) -> web.StreamResponse:
+        """Re-read the config file now; a refused config keeps the old one serving (422)."""
+        app = self.app
+        if not app.config.source_path:
+            return _json({"ok": False, "error": "the config was not loaded from a file"}, status=400)
+        ok, detail = await app.reload("admin")
+        if not ok:
+            return _json({"ok": False, "error": detail}, status=422)
+        return _json({"ok": True, "hash": app.config.source_hash})
+
+
+def _same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc.lower() == request.host.lower()
+
+
+async def _reason(request: web.Request) -> str | None:
+    """An optional `reason`: JSON body `{"reason": ...}` or query `?reason=...`."""
+    reason = request.query.get("reason")
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text='body must be JSON like {"reason": "..."}') from None
+        if isinstance(body, dict) and isinstance(body.get("reason"), str):
+            reason = body["reason"]
+    if reason is None:
+        return None
+    return reason.strip()[:500] or None
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # default=str: event data is meant to be JSON scalars, but a stray value must not break /status
+    return web.Response(text=json.dumps(data, default=str), status=status, content_type="application/json")

@@ -1,0 +1,362 @@
+"""Runs the rollout: judges the windows every tick, applies the state machine, and publishes changes.
+
+Publishing a change means: save the state file, call `on_change(state)` (the app recompiles its
+snapshot with the new effective weights), log the events as JSON lines on the
+"canary_proxy.rollout" logger, keep the last 100 for /status, send them to the webhook, and count
+rollbacks. Fast-fail trips run synchronously inside the data plane's `observe`, so they only swap
+the state and leave the publishing to the next loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from proxy.analysis.rollout import (
+    Command,
+    RolloutEvent,
+    RolloutState,
+    canary_weight,
+    on_command,
+    on_verdict,
+    reconcile,
+    trip,
+)
+from proxy.analysis.statefile import load_state, save_state, state_to_dict
+from proxy.analysis.verdict import Verdict, judge
+from proxy.analysis.webhook import WebhookSender
+from proxy.analysis.window import WindowStats
+from proxy.config.model import Config, Rollout
+from proxy.stats import Stats
+
+log = logging.getLogger("canary_proxy.rollout")
+MAX_EVENTS = 100
+_DISARMED = 1 << 62  # UpstreamStats.trip_at when fast-fail is off
+
+OnChange = Callable[[RolloutState], None]
+WebhookFactory = Callable[[str], WebhookSender]
+
+
+class RolloutController:
+    """Owns the rollout state of one process. Everything runs on the event loop thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        stats: Stats,
+        clock: Callable[[], float] = time.time,
+        on_change: OnChange | None = None,
+        tick: float = 1.0,
+        webhook_factory: WebhookFactory = WebhookSender,
+    ) -> None:
+        self._config = config
+        self._stats = stats
+        self._clock = clock
+        self._on_change = on_change
+        self._tick = tick
+        self._webhook_factory = webhook_factory
+        self._state: RolloutState | None = None
+        self._last_verdict: Verdict | None = None
+        self._webhook: WebhookSender | None = None
+        self._armed: str | None = None  # the upstream whose on_trip points at us
+        self._pending: list[RolloutEvent] = []  # fast-fail work waiting for call_soon
+        self._pending_handle: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self.events: deque[RolloutEvent] = deque(maxlen=MAX_EVENTS)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> RolloutState | None:
+        """The current state; None when the config has no rollout."""
+        return self._state
+
+    @property
+    def last_verdict(self) -> Verdict | None:
+        """The verdict of the latest tick (also while holding)."""
+        return self._last_verdict
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    async def start(self) -> None:
+        """Load the state file, reconcile it with the config, save it, and call on_change."""
+        if self._started:
+            return
+        self._started = True
+        rollout = self._config.rollout
+        if rollout is None:
+            return
+        saved = load_state(rollout.state_file) if rollout.state_file else None
+        self._set_webhook(rollout.webhook)
+        self._adopt(saved, rollout, notify=True)
+
+    async def run(self) -> None:
+        """Evaluate every `tick` seconds until cancelled (or `stop`)."""
+        await self.start()
+        while True:
+            try:
+                self.evaluate()
+            except Exception:
+                log.exception("rollout evaluation failed")
+            await asyncio.sleep(self._tick)
+
+    def evaluate(self, now: float | None = None) -> Verdict | None:
+        """One tick: judge the windows and apply the verdict. Returns the verdict (None: no rollout)."""
+        rollout = self._config.rollout
+        state = self._state
+        if rollout is None or state is None:
+            return None
+        now = self._clock() if now is None else now
+        canary = self._window(rollout.canary, now, rollout)
+        baseline = self._window(rollout.baseline, now, rollout)
+        verdict = judge(canary, baseline, rollout)
+        self._last_verdict = verdict
+        new, events = on_verdict(state, verdict, rollout, now)
+        self._apply(new, events)
+        return verdict
+
+    def command(self, name: Command, reason: str | None = None) -> RolloutState:
+        """An operator command (pause/resume/promote/rollback/reset); raises CommandError or
+        LookupError (no rollout configured)."""
+        rollout = self._config.rollout
+        if rollout is None or self._state is None:
+            raise LookupError("no rollout is configured")
+        new, events = on_command(self._state, name, rollout, self._clock(), reason)
+        if name == "reset":
+            self._reset_fast_fail_count(rollout)
+        self._apply(new, events)
+        return new
+
+    def reconfigure(self, config: Config) -> RolloutState | None:
+        """Adopt a reloaded config: keep the state unless the canary (or its version) changed.
+
+        Does not call on_change: the caller compiles its new snapshot with the returned state.
+        """
+        old_rollout = self._config.rollout
+        self._config = config
+        rollout = config.rollout
+        if rollout is None:
+            self._disarm()
+            self._set_webhook(None)
+            self._state = None
+            return None
+        if old_rollout is None or old_rollout.webhook != rollout.webhook:
+            self._set_webhook(rollout.webhook)
+        saved = self._state
+        if saved is None and rollout.state_file:
+            saved = load_state(rollout.state_file)  # a rollout added by a reload
+        self._adopt(saved, rollout, notify=False)
+        return self._state
+
+    def record_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """Add an event from elsewhere (e.g. a reload) to the log and the /status list."""
+        event = RolloutEvent(kind, self._clock(), message, dict(data or {}))
+        self.events.append(event)
+        self._log(event)
+
+    def status(self) -> dict[str, Any]:
+        """What /status shows about the rollout."""
+        rollout = self._config.rollout
+        state = self._state
+        if rollout is None or state is None:
+            return {"enabled": False, "events": [e.to_dict() for e in self.events]}
+        verdict = self._last_verdict
+        return {
+            "enabled": True,
+            "canary": rollout.canary,
+            "baseline": rollout.baseline,
+            "steps": list(rollout.steps),
+            "weight": canary_weight(state, rollout),
+            "state": state_to_dict(state),
+            "verdict": None
+            if verdict is None
+            else {"kind": verdict.kind, "reason": verdict.reason, "figures": verdict.figures.as_dict()},
+            "events": [e.to_dict() for e in self.events],
+        }
+
+    async def stop(self) -> None:
+        """Flush pending fast-fail work, close the webhook(s) and wait for our tasks."""
+        if self._pending_handle is not None:
+            self._pending_handle.cancel()
+            self._flush_pending()
+        self._disarm()
+        webhook, self._webhook = self._webhook, None
+        if webhook is not None:
+            await webhook.close()
+        # Only closes of replaced webhooks are tracked; they are quick and must not be cut short.
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _window(self, name: str, now: float, rollout: Rollout) -> WindowStats:
+        us = self._stats.upstreams.get(name)
+        if us is None:
+            return WindowStats.empty(rollout.window)
+        return us.window.stats(now, rollout.window)
+
+    def _adopt(self, saved: RolloutState | None, rollout: Rollout, *, notify: bool) -> None:
+        """Reconcile `saved` with the config; save; tell on_change when asked."""
+        now = self._clock()
+        up = self._config.upstreams.get(rollout.canary)
+        version = up.version if up is not None else None
+        new = reconcile(saved, rollout, version, now)
+        events: list[RolloutEvent] = []
+        if saved is not None and (saved.canary, saved.canary_version) != (new.canary, new.canary_version):
+            msg = (
+                f"new canary {new.canary} version {new.canary_version}"
+                f" (was {saved.canary} version {saved.canary_version}): rollout restarts"
+            )
+            events.append(RolloutEvent("reset", now, msg, {"previous_phase": saved.phase}))
+            self._reset_fast_fail_count(rollout)
+        self._state = new
+        self._save(new)
+        self._arm()
+        self._publish(events)
+        if notify:
+            self._notify(new)
+
+    def _apply(self, new: RolloutState, events: list[RolloutEvent]) -> None:
+        changed = new != self._state
+        self._state = new
+        if changed:
+            self._save(new)
+            self._arm()
+            self._notify(new)
+        self._publish(events)
+
+    def _notify(self, state: RolloutState) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(state)
+        except Exception:
+            # The state (and its file) stay right; the next change or reload tries again.
+            log.exception("rollout on_change callback failed")
+
+    def _publish(self, events: list[RolloutEvent]) -> None:
+        rollout = self._config.rollout
+        for event in events:
+            self.events.append(event)
+            self._log(event)
+            if event.kind == "rollback" and rollout is not None:
+                self._stats.rollbacks[rollout.canary] = self._stats.rollbacks.get(rollout.canary, 0) + 1
+            if self._webhook is not None and rollout is not None:
+                payload = event.to_dict()
+                payload.update(canary=rollout.canary, baseline=rollout.baseline)
+                if self._state is not None:
+                    payload.update(phase=self._state.phase, weight=canary_weight(self._state, rollout))
+                self._webhook.send(payload)
+
+    def _log(self, event: RolloutEvent) -> None:
+        line = json.dumps({"logger": "canary_proxy.rollout", **event.to_dict()}, default=str)
+        log.log(logging.WARNING if event.kind == "rollback" else logging.INFO, line)
+
+    def _save(self, state: RolloutState) -> None:
+        rollout = self._config.rollout
+        if rollout is None or not rollout.state_file:
+            return
+        try:
+            save_state(rollout.state_file, state)
+        except OSError as exc:
+            # The in-memory latch still holds; only a restart would lose it.
+            log.error("could not write rollout state file %s: %s", rollout.state_file, exc)
+
+    # -- fast fail --------------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Point the canary's consecutive-error trip at us while a trip can still change anything."""
+        rollout = self._config.rollout
+        state = self._state
+        active = (
+            rollout is not None
+            and state is not None
+            and rollout.fast_fail.consecutive_errors > 0
+            and state.phase not in ("rolled_back", "promoted")
+        )
+        if not active or rollout is None:
+            self._disarm()
+            return
+        if self._armed is not None and self._armed != rollout.canary:
+            self._disarm()
+        us = self._stats.upstream(rollout.canary, self._config.metrics.buckets)
+        us.trip_at = rollout.fast_fail.consecutive_errors
+        us.on_trip = self._on_fast_fail
+        self._armed = rollout.canary
+
+    def _disarm(self) -> None:
+        if self._armed is None:
+            return
+        us = self._stats.upstreams.get(self._armed)
+        if us is not None and us.on_trip == self._on_fast_fail:
+            us.trip_at = _DISARMED
+            us.on_trip = None
+        self._armed = None
+
+    def _reset_fast_fail_count(self, rollout: Rollout) -> None:
+        # The count froze while the canary got no traffic; a fresh start must not trip on it.
+        us = self._stats.upstreams.get(rollout.canary)
+        if us is not None:
+            us.consecutive_errors = 0
+
+    def _on_fast_fail(self) -> None:
+        """Called by UpstreamStats.observe on the data plane's stack: swap the state, defer the rest."""
+        rollout = self._config.rollout
+        state = self._state
+        self._disarm()  # observe() calls again for every further error: once is enough
+        if rollout is None or state is None:
+            return
+        n = rollout.fast_fail.consecutive_errors
+        new, events = trip(
+            state,
+            rollout,
+            self._clock(),
+            f"fast fail: {n} consecutive errors from {rollout.canary}",
+            {"consecutive_errors": n},
+        )
+        if new is state:
+            return
+        self._state = new
+        self._pending.extend(events)
+        if self._pending_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._flush_pending()  # no loop (a synchronous caller): do it now
+                return
+            self._pending_handle = loop.call_soon(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        self._pending_handle = None
+        events, self._pending = self._pending, []
+        state = self._state
+        if state is None:
+            return
+        self._save(state)
+        self._notify(state)
+        self._publish(events)
+
+    def _set_webhook(self, url: str | None) -> None:
+        old, self._webhook = self._webhook, None
+        if old is not None:
+            self._track(old.close())
+        if url:
+            self._webhook = self._webhook_factory(url)
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            return
+        task: asyncio.Task[None] = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

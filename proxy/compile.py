@@ -1,0 +1,231 @@
+"""Config + rollout state -> an immutable Snapshot the data plane reads once per request.
+
+Everything the hot path needs is computed here: matcher closures, cumulative bucket tables with the
+rollout's effective weights, bound statistics objects, the error-status table.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from proxy.analysis.rollout import RolloutState, effective_split, effective_target
+from proxy.analysis.verdict import error_status_table
+from proxy.config.model import Config, Match, Route, StringMatch
+from proxy.router import Predicate, RequestView, RouteRule, SplitTable
+from proxy.stats import RouteCounts, Stats, UpstreamStats
+
+if TYPE_CHECKING:
+    from proxy.http1.upstream import Balancer, EndpointPool, PoolRegistry
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+ValueTest = Callable[[bytes | None], bool]
+
+
+class UpstreamTarget:
+    """One upstream as seen by a snapshot: its balancer over endpoint pools and its stats."""
+
+    __slots__ = ("balancer", "name", "stats", "version")
+
+    def __init__(self, name: str, version: str | None, balancer: Balancer, stats: UpstreamStats) -> None:
+        self.name = name
+        self.version = version
+        self.balancer = balancer
+        self.stats = stats
+
+
+class Binding:
+    """A route's choice of upstream, with the route/upstream counter bound once."""
+
+    __slots__ = ("counts", "upstream")
+
+    def __init__(self, upstream: UpstreamTarget, counts: RouteCounts) -> None:
+        self.upstream = upstream
+        self.counts = counts
+
+
+class Snapshot:
+    """Immutable compiled view of one config + one rollout state. Swapped as a whole."""
+
+    __slots__ = (
+        "config",
+        "effective",
+        "fallback",
+        "is_error",
+        "loaded_at",
+        "rollout_state",
+        "route_headers",
+        "rules",
+        "trusted",
+        "unmatched",
+        "upstreams",
+    )
+
+    def __init__(
+        self,
+        config: Config,
+        rules: tuple[RouteRule[Binding], ...],
+        upstreams: dict[str, UpstreamTarget],
+        route_headers: frozenset[bytes],
+        is_error: tuple[bool, ...],
+        trusted: tuple[IpNetwork, ...],
+        effective: tuple[tuple[str, str | None, tuple[tuple[str, float], ...] | None], ...],
+        fallback: dict[str, UpstreamTarget],
+        rollout_state: RolloutState | None,
+        loaded_at: float,
+        unmatched: RouteCounts,
+    ) -> None:
+        self.config = config
+        self.rules = rules
+        self.upstreams = upstreams
+        self.route_headers = route_headers
+        self.is_error = is_error
+        self.trusted = trusted
+        self.effective = effective  # per route: (name, effective `to`, effective split)
+        self.fallback = fallback  # canary -> baseline, for retries of failed canary requests
+        self.rollout_state = rollout_state
+        self.loaded_at = loaded_at
+        self.unmatched = unmatched
+
+    def route_view(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, bytes]) -> RequestView:
+        """A RequestView; `headers` must already be filtered to `route_headers`."""
+        return RequestView(method, path, query, headers)
+
+
+def compile_snapshot(
+    config: Config,
+    stats: Stats,
+    pools: PoolRegistry,
+    rollout_state: RolloutState | None,
+    loaded_at: float | None = None,
+) -> Snapshot:
+    """Build the snapshot. Pure apart from creating pools/stats objects in the registries."""
+    buckets = config.metrics.buckets
+    upstreams: dict[str, UpstreamTarget] = {}
+    for name, up in config.upstreams.items():
+        endpoint_pools: tuple[EndpointPool, ...] = tuple(pools.pool_for(ep) for ep in up.endpoints)
+        upstreams[name] = UpstreamTarget(
+            name, up.version, pools.balancer(name, endpoint_pools), stats.upstream(name, buckets)
+        )
+
+    rollout = config.rollout
+    rules: list[RouteRule[Binding]] = []
+    needed: set[bytes] = set()
+    effective: list[tuple[str, str | None, tuple[tuple[str, float], ...] | None]] = []
+    for i, route in enumerate(config.routes):
+        predicate = _compile_match(route.match, needed) if route.match is not None else None
+        sticky_header = sticky_cookie = None
+        if route.sticky is not None:
+            if route.sticky.header:
+                sticky_header = route.sticky.header.lower().encode("latin-1")
+                needed.add(sticky_header)
+            elif route.sticky.cookie:
+                sticky_cookie = route.sticky.cookie.encode("latin-1")
+                needed.add(b"cookie")
+        if route.to is not None:
+            to = effective_target(route.to, rollout, rollout_state)
+            target = Binding(upstreams[to], stats.route_counts_for(route.name, to))
+            rules.append(RouteRule(i, route.name, predicate, target, None))
+            effective.append((route.name, to, None))
+        else:
+            split = effective_split(_split(route), rollout, rollout_state)
+            table = SplitTable(
+                tuple((Binding(upstreams[n], stats.route_counts_for(route.name, n)), w) for n, w in split)
+            )
+            rules.append(RouteRule(i, route.name, predicate, None, table, sticky_header, sticky_cookie))
+            effective.append((route.name, None, split))
+
+    fallback: dict[str, UpstreamTarget] = {}
+    if rollout is not None:
+        fallback[rollout.canary] = upstreams[rollout.baseline]
+    error_statuses = rollout.error_statuses if rollout is not None else ("5xx",)
+    trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
+    return Snapshot(
+        config,
+        tuple(rules),
+        upstreams,
+        frozenset(needed),
+        error_status_table(error_statuses),
+        trusted,
+        tuple(effective),
+        fallback,
+        rollout_state,
+        time.time() if loaded_at is None else loaded_at,
+        stats.route_counts_for("", ""),
+    )
+
+
+def _split(route: Route) -> tuple[tuple[str, float], ...]:
+    assert route.split is not None
+    return route.split
+
+
+def _value_test(m: StringMatch) -> ValueTest:
+    """Compile one matcher to a test on the (possibly missing) value."""
+    if m.kind == "present":
+        want = bool(m.value)
+        return lambda v: (v is not None) is want
+    raw = str(m.value).encode("utf-8")
+    test: ValueTest
+    if m.kind == "exact":
+        test = lambda v: v == raw  # noqa: E731
+    elif m.kind == "prefix":
+        test = lambda v: v is not None and v.startswith(raw)  # noqa: E731
+    elif m.kind == "suffix":
+        test = lambda v: v is not None and v.endswith(raw)  # noqa: E731
+    elif m.kind == "contains":
+        test = lambda v: v is not None and raw in v  # noqa: E731
+    else:
+        rx = re.compile(raw)
+        test = lambda v: v is not None and rx.fullmatch(v) is not None  # noqa: E731
+    if m.invert:
+        inner = test
+        # A missing value never matches, inverted or not (Envoy's behaviour).
+        return lambda v: v is not None and not inner(v)
+    return test
+
+
+def _compile_match(match: Match, needed: set[bytes]) -> Predicate:
+    """AND of every part of a Match, as one predicate."""
+    parts: list[Predicate] = []
+    for name, m in match.headers:
+        key = name.lower().encode("latin-1")
+        needed.add(key)
+        parts.append(_header_pred(key, _value_test(m)))
+    for name, m in match.cookies:
+        needed.add(b"cookie")
+        parts.append(_cookie_pred(name.encode("latin-1"), _value_test(m)))
+    for name, m in match.query:
+        parts.append(_query_pred(name.encode("utf-8"), _value_test(m)))
+    if match.path_prefix is not None:
+        prefix = match.path_prefix.encode("utf-8")
+        parts.append(lambda v: v.path.startswith(prefix))
+    if match.methods:
+        methods = frozenset(m.encode("ascii") for m in match.methods)
+        parts.append(lambda v: v.method in methods)
+    if len(parts) == 1:
+        return parts[0]
+    all_parts = tuple(parts)
+
+    def every(view: RequestView) -> bool:
+        for p in all_parts:
+            if not p(view):
+                return False
+        return True
+
+    return every
+
+
+def _header_pred(key: bytes, test: ValueTest) -> Predicate:
+    return lambda v: test(v.headers.get(key))
+
+
+def _cookie_pred(name: bytes, test: ValueTest) -> Predicate:
+    return lambda v: test(v.cookie(name))
+
+
+def _query_pred(name: bytes, test: ValueTest) -> Predicate:
+    return lambda v: test(v.query_param(name))

@@ -1,0 +1,461 @@
+"""YAML file -> validated :class:`~proxy.config.model.Config`, or a ConfigError listing every problem.
+
+Each message is `"<key path>: <message> (line N)"`, e.g.
+`routes[1].split: weights sum to 95, expected 100 (line 14)`. Like `nginx -t`, we keep going after
+the first problem so one run shows them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import TypeVar
+
+from yaml.nodes import ScalarNode
+
+from proxy.config.errors import ConfigError
+from proxy.config.model import (
+    AccessLog,
+    Address,
+    Config,
+    Endpoint,
+    FastFail,
+    Limits,
+    Match,
+    Metrics,
+    OutlierDetection,
+    Retries,
+    Rollout,
+    Route,
+    Sticky,
+    StringMatch,
+    Thresholds,
+    Timeouts,
+    Upstream,
+)
+from proxy.config.units import (
+    fmt_duration,
+    fmt_number,
+    parse_address,
+    parse_endpoint,
+    parse_network,
+    parse_status,
+    parse_webhook,
+    same_socket,
+)
+from proxy.config.yamlnodes import Errors, Reader, Readers, Value, compose, root_value
+
+T = TypeVar("T")
+TOKEN_ENV = "CANARY_PROXY_ADMIN_TOKEN"
+DEFAULT_ADMIN = Address("127.0.0.1", 9901)
+TOP_KEYS = (
+    "listen", "admin", "upstreams", "routes", "timeouts", "limits", "rollout", "metrics", "access_log",
+    "retries", "outlier_detection", "trusted_proxies", "admin_token", "admin_token_file", "shutdown_grace",
+)  # fmt: skip
+ROUTE_KEYS = ("name", "match", "to", "split", "sticky", "max_body_size")
+MATCH_KEYS = ("headers", "cookies", "query", "path_prefix", "methods")
+MATCH_KINDS = ("exact", "prefix", "suffix", "contains", "regex", "present")
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: header, cookie, method names
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_EMPTY_MATCH = "match must not be empty; omit it to match everything"
+
+
+def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file at `path`. Raises ConfigError only.
+
+    `env` (default os.environ) supplies CANARY_PROXY_ADMIN_TOKEN when the file sets no token.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError([f"cannot read config file: {e.strerror or e}"], path) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"config file is not valid UTF-8 (byte {e.start})"], path) from None
+    return replace(_parse(text, path, env), source_hash=_hash(data), source_path=path)
+
+
+def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
+    """Validate config text; `source` names it in the ConfigError. Raises ConfigError only."""
+    return replace(_parse(text, source, env), source_hash=_hash(text.encode("utf-8")))
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def _parse(text: str, source: str, env: Mapping[str, str] | None) -> Config:
+    errors = Errors()
+    node = compose(text, errors)
+    if node is None:
+        raise ConfigError(errors.messages() or ["config is empty"], source)
+    cfg = _Parser(Reader(errors), os.environ if env is None else env).config(root_value(node))
+    if errors or cfg is None:
+        raise ConfigError(errors.messages(), source)
+    return cfg
+
+
+class _Parser:
+    """One method per section; each records its errors and falls back to defaults to keep going."""
+
+    def __init__(self, reader: Reader, env: Mapping[str, str]) -> None:
+        self.r = reader
+        self.env = env
+        self.upstream_names: list[str] | None = None  # None: section unusable, skip name lookups
+
+    def config(self, root: Value) -> Config | None:
+        r = self.r
+        top = r.mapping(root, TOP_KEYS, required=("listen", "upstreams", "routes"), extensions=True)
+        if top is None:
+            return None
+        listen = r.convert(top["listen"], parse_address) if "listen" in top else None
+        admin = r.convert(top["admin"], parse_address) if "admin" in top else DEFAULT_ADMIN
+        if listen and admin and same_socket(listen, admin):
+            r.error(top.get("admin", top["listen"]), f"must differ from listen ({listen})")
+        upstreams = self.upstreams(top["upstreams"]) if "upstreams" in top else {}
+        return Config(
+            listen=listen or Address("", 0),
+            admin=admin or DEFAULT_ADMIN,
+            upstreams=upstreams,
+            routes=self.routes(top["routes"]) if "routes" in top else (),
+            timeouts=r.record(top.get("timeouts"), Timeouts, {f.name: r.duration for f in fields(Timeouts)})
+            or Timeouts(),
+            limits=self.limits(top.get("limits")),
+            rollout=self.rollout(top["rollout"]) if "rollout" in top else None,
+            metrics=r.record(top.get("metrics"), Metrics, {"buckets": self.buckets}) or Metrics(),
+            access_log=self.access_log(top.get("access_log")),
+            retries=self.retries(top.get("retries")),
+            outlier_detection=self.outlier_detection(top.get("outlier_detection")),
+            trusted_proxies=self.opt(top.get("trusted_proxies"), (), lambda x: r.list_of(x, parse_network)),
+            admin_token=self.admin_token(top.get("admin_token"), top.get("admin_token_file")),
+            shutdown_grace=self.opt(top.get("shutdown_grace"), 20.0, self.grace),
+        )
+
+    @staticmethod
+    def opt(v: Value | None, default: T, read: Callable[[Value], T | None]) -> T:
+        """`read(v)` when the key is present and valid, else `default`."""
+        got = read(v) if v is not None else None
+        return default if got is None else got
+
+    # -- upstreams ------------------------------------------------------------------------------
+
+    def upstreams(self, v: Value) -> dict[str, Upstream]:
+        r = self.r
+        entries = r.mapping(v, None)
+        if entries is None:
+            return {}
+        self.upstream_names = list(entries) or None  # none at all: one error is enough
+        if not entries:
+            r.error(v, "at least one upstream is required")
+        out: dict[str, Upstream] = {}
+        for name, uv in entries.items():
+            if not _UPSTREAM_NAME.fullmatch(name):
+                r.error(uv, 'invalid upstream name (use letters, digits, ".", "_", "-")')
+            m = r.mapping(uv, ("endpoints", "version"), required=("endpoints",))
+            if m is not None and "endpoints" in m:
+                version = r.text(m["version"]) if "version" in m else None
+                out[name] = Upstream(name, self.endpoints(m["endpoints"]), version)
+        return out
+
+    def endpoints(self, v: Value) -> tuple[Endpoint, ...]:
+        items = self.r.sequence(v)
+        if items is not None and not items:
+            self.r.error(v, "must list at least one endpoint")
+        seen: dict[Endpoint, str] = {}
+        for item in items or []:
+            ep = self.r.convert(item, parse_endpoint, raw=True)
+            if ep is not None and ep in seen:
+                self.r.error(item, f"duplicate endpoint {ep.key} (also {seen[ep]})")
+            elif ep is not None:
+                seen[ep] = item.path
+        return tuple(seen)
+
+    def known(self, v: Value, name: str | None) -> str | None:
+        """`name` if it is a defined upstream (or upstreams are unusable anyway), else an error."""
+        names = self.upstream_names
+        if name is None or names is None or name in names:
+            return name
+        self.r.error(v, f'unknown upstream "{name}" (known: {", ".join(names)})')
+        return None
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    def routes(self, v: Value) -> tuple[Route, ...]:
+        r = self.r
+        items = r.sequence(v)
+        if items is not None and not items:
+            r.error(v, "at least one route is required")
+        out: list[Route] = []
+        names: dict[str, str] = {}
+        catch_all: str | None = None  # the first route without `match`; every later one is dead
+        for item in items or []:
+            m = r.mapping(item, ROUTE_KEYS, required=("name",), keep_null=True)
+            if m is None:
+                continue
+            name = r.string(m["name"]) if "name" in m else None
+            if name is not None and name in names:
+                r.error(m["name"], f'duplicate route name "{name}" (also {names[name]})')
+            elif name is not None:
+                names[name] = item.path
+            if catch_all is not None:
+                r.error(item, f"unreachable: {catch_all} matches every request")
+            elif "match" not in m:
+                catch_all = f'{item.path} ("{name}")'
+            route = self.route(item, m, name)
+            if route is not None:
+                out.append(route)
+        return tuple(out)
+
+    def route(self, v: Value, m: dict[str, Value], name: str | None) -> Route | None:
+        r = self.r
+        given = {k: x for k, x in m.items() if not x.is_null}
+        match = self.match(m["match"]) if "match" in m else None
+        to = split = sticky = None
+        if ("to" in given) == ("split" in given):
+            r.error(v, f'set exactly one of "to" and "split" (got {"both" if "to" in given else "neither"})')
+        elif "to" in given:
+            to = self.known(given["to"], r.string(given["to"]))
+        else:
+            split = self.split(given["split"])
+        if "sticky" in given and "split" not in given:
+            r.error(given["sticky"], 'only allowed with "split"')
+        elif "sticky" in given:
+            sticky = self.sticky(given["sticky"])
+        body = r.size(given["max_body_size"]) if "max_body_size" in given else None
+        if name is None or (to is None and split is None):
+            return None
+        return Route(name, match, to, split, sticky, body)
+
+    def match(self, v: Value) -> Match | None:
+        r = self.r
+        m = r.mapping(v, MATCH_KEYS) if not v.is_null else None
+        if m is None:
+            if v.is_null:
+                r.error(v, _EMPTY_MATCH)
+            return None
+        before = len(r.errors)
+        prefix = r.string(m["path_prefix"]) if "path_prefix" in m else None
+        if prefix is not None and not prefix.startswith("/"):
+            r.error(m["path_prefix"], f'must start with "/", got "{prefix}"')
+        methods: list[str] = []
+        for item in (r.sequence(m["methods"]) if "methods" in m else None) or []:
+            method = r.string(item)
+            if method is not None and not _TOKEN.fullmatch(method):
+                r.error(item, f'invalid method "{method}"')
+            elif method is not None and method.upper() not in methods:
+                methods.append(method.upper())
+        match = Match(
+            headers=self.matchers(m.get("headers"), "header", lower=True),
+            cookies=self.matchers(m.get("cookies"), "cookie"),
+            query=self.matchers(m.get("query"), "query parameter"),
+            path_prefix=prefix,
+            methods=tuple(methods),
+        )
+        if match == Match() and len(r.errors) == before:
+            r.error(v, _EMPTY_MATCH)
+        return match
+
+    def matchers(
+        self, v: Value | None, what: str, lower: bool = False
+    ) -> tuple[tuple[str, StringMatch], ...]:
+        out: list[tuple[str, StringMatch]] = []
+        for name, mv in ((self.r.mapping(v, None) if v is not None else None) or {}).items():
+            if not name or (what != "query parameter" and not _TOKEN.fullmatch(name)):
+                self.r.error(mv, f'invalid {what} name "{name}"')
+            sm = self.string_match(mv)
+            if sm is not None:
+                out.append((name.lower() if lower else name, sm))
+        return tuple(out)
+
+    def string_match(self, v: Value) -> StringMatch | None:
+        """`{exact: x}`, `{regex: ..., invert: true}`, `{present: false}`...; a bare string means exact."""
+        r = self.r
+        if v.is_null:
+            r.error(v, "expected a string or a matcher like {exact: value}, got null")
+            return None
+        if isinstance(v.node, ScalarNode):
+            text = r.text(v)
+            return StringMatch("exact", text) if text is not None else None
+        m = r.mapping(v, (*MATCH_KINDS, "invert"))
+        if m is None:
+            return None
+        kinds = [k for k in MATCH_KINDS if k in m]
+        if len(kinds) != 1:
+            got = f", got {', '.join(kinds)}" if kinds else ""
+            r.error(v, f"expected exactly one of {', '.join(MATCH_KINDS)}{got}")
+            return None
+        kind = kinds[0]
+        invert = r.boolean(m["invert"]) if "invert" in m else False
+        value = r.boolean(m[kind]) if kind == "present" else r.text(m[kind])
+        if isinstance(value, str) and kind == "regex":
+            try:
+                re.compile(value.encode("utf-8"))  # proxy.compile matches raw bytes
+            except re.error as e:
+                r.error(m[kind], f'invalid regex "{value}": {e}')
+                return None
+        if value is None or invert is None:
+            return None
+        return StringMatch(kind, value, invert)  # type: ignore[arg-type]  # kind is one of MATCH_KINDS
+
+    def split(self, v: Value) -> tuple[tuple[str, float], ...] | None:
+        r = self.r
+        entries = r.mapping(v, None)
+        if entries is not None and not entries:
+            r.error(v, "must name at least one upstream")
+        if not entries:
+            return None
+        out: list[tuple[str, float]] = []
+        for name, wv in entries.items():
+            self.known(wv, name)
+            weight = r.number(wv, lo=0)
+            if weight is not None:
+                out.append((name, weight))
+        if len(out) < len(entries):
+            return None
+        total = sum(w for _, w in out)
+        if abs(total - 100) > 1e-6:
+            r.error(v, f"weights sum to {fmt_number(total)}, expected 100")
+            return None
+        return tuple(out)
+
+    def sticky(self, v: Value) -> Sticky | None:
+        r = self.r
+        m = r.mapping(v, ("header", "cookie"))
+        if m is not None and len(m) != 1:
+            r.error(v, 'set exactly one of "header" and "cookie"')
+        if m is None or len(m) != 1:
+            return None
+        key, kv = next(iter(m.items()))
+        name = r.string(kv)
+        if name is not None and not _TOKEN.fullmatch(name):
+            r.error(kv, f'invalid {key} name "{name}"')
+        elif name is not None:
+            return Sticky(header=name.lower()) if key == "header" else Sticky(cookie=name)
+        return None
+
+    # -- rollout --------------------------------------------------------------------------------
+
+    def rollout(self, v: Value) -> Rollout | None:
+        r = self.r
+        rollout = r.record(
+            v,
+            Rollout,
+            {
+                "canary": lambda x: self.known(x, r.string(x)),
+                "baseline": lambda x: self.known(x, r.string(x)),
+                "steps": lambda x: r.increasing(x, "steps", hi=100, allow_empty=True),
+                "interval": r.duration,
+                "window": r.duration,
+                "min_requests": lambda x: r.integer(x, lo=1),
+                "error_statuses": self.error_statuses,
+                "confidence": lambda x: r.number(x, 0.5, 1, lo_open=True, hi_open=True),
+                "thresholds": self.thresholds,
+                "fast_fail": lambda x: r.record(
+                    x, FastFail, {"consecutive_errors": lambda y: r.integer(y, lo=0)}
+                ),
+                "state_file": r.string,
+                "webhook": lambda x: r.convert(x, parse_webhook, raw=True),
+            },
+            required=("canary", "baseline"),
+        )
+        if rollout is not None and rollout.canary == rollout.baseline:
+            m = r.entries(v)
+            r.error(m["baseline"], f'must differ from canary ("{rollout.canary}")')
+        return rollout
+
+    def thresholds(self, v: Value) -> Thresholds | None:
+        r = self.r
+        fraction = lambda x: r.number(x, 0, 1)  # noqa: E731
+        readers: Readers = {
+            "max_error_rate": fraction,
+            "max_error_rate_increase": fraction,
+            "max_p99": r.duration,
+            "max_p99_ratio": lambda x: r.number(x, lo=0, lo_open=True),
+        }
+        return r.record(v, Thresholds, readers, nullable=True)  # `key: null` switches a check off
+
+    def buckets(self, v: Value) -> tuple[float, ...] | None:
+        return self.r.increasing(v, "buckets")
+
+    def grace(self, v: Value) -> float | None:
+        return self.r.duration(v, allow_zero=True)  # 0: stop at once
+
+    def error_statuses(self, v: Value) -> tuple[str, ...] | None:
+        statuses = self.r.list_of(v, parse_status, empty="must list at least one status")
+        return tuple(dict.fromkeys(statuses)) if statuses is not None else None  # dropping repeats
+
+    # -- the rest -------------------------------------------------------------------------------
+
+    def limits(self, v: Value | None) -> Limits:
+        r = self.r
+        count = lambda x: r.integer(x, lo=1)  # noqa: E731
+        size = lambda x: r.size(x, lo=1)  # noqa: E731
+        readers: Readers = {
+            "max_header_size": size,
+            "max_headers": count,
+            "max_url_length": size,
+            "max_body_size": r.size,
+            "max_connections": count,
+        }
+        return r.record(v, Limits, readers) or Limits()
+
+    def access_log(self, v: Value | None) -> AccessLog:
+        r = self.r
+        if v is not None and isinstance(v.node, ScalarNode):  # `access_log: false`
+            enabled = r.boolean(v)
+            return AccessLog(enabled) if enabled is not None else AccessLog()
+        readers: Readers = {"enabled": r.boolean, "path": r.string}
+        return r.record(v, AccessLog, readers) or AccessLog()
+
+    def retries(self, v: Value | None) -> Retries:
+        r = self.r
+        readers: Readers = {
+            "attempts": lambda x: r.integer(x, lo=0),
+            "budget_percent": lambda x: r.number(x, 0, 100),
+            "min_concurrent": lambda x: r.integer(x, lo=0),
+        }
+        return r.record(v, Retries, readers) or Retries()
+
+    def outlier_detection(self, v: Value | None) -> OutlierDetection:
+        r = self.r
+        readers: Readers = {
+            "consecutive_failures": lambda x: r.integer(x, lo=0),
+            "base_ejection_time": r.duration,
+            "max_ejection_time": r.duration,
+        }
+        out = r.record(v, OutlierDetection, readers) or OutlierDetection()
+        base, top = out.base_ejection_time, out.max_ejection_time
+        if v is not None and top < base:
+            m = r.entries(v)
+            if "max_ejection_time" in m:
+                r.error(m["max_ejection_time"], f"must be >= base_ejection_time ({fmt_duration(base)})")
+            else:
+                r.error(m["base_ejection_time"], f"must be <= max_ejection_time ({fmt_duration(top)})")
+        return out
+
+    def admin_token(self, inline: Value | None, file: Value | None) -> str | None:
+        r = self.r
+        if inline is not None and file is not None:
+            r.error(file, 'set only one of "admin_token" and "admin_token_file"')
+            return None
+        if inline is not None:
+            return r.text(inline)
+        if file is None:
+            return self.env.get(TOKEN_ENV) or None
+        path = r.string(file)
+        if path is None:
+            return None
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            r.error(file, f'cannot read "{path}": {getattr(e, "strerror", None) or e}')
+            return None
+        if not token:
+            r.error(file, f'"{path}" is empty')
+        return token or None

@@ -1,0 +1,186 @@
+"""The validated configuration, as frozen dataclasses.
+
+Everything here is produced by :func:`proxy.config.loader.load_config` and is never mutated.
+Durations are floats in seconds, sizes are ints in bytes, percentages are floats in 0..100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+MatchKind = Literal["exact", "prefix", "suffix", "contains", "regex", "present"]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host:port to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One upstream server, from `http://host:port`."""
+
+    host: str
+    port: int
+
+    @property
+    def key(self) -> str:
+        """Stable identity, used to keep connection pools across reloads."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """One header/cookie/query matcher.
+
+    kind "present": `value` is the bool given (`present: true` / `present: false`).
+    Other kinds: `value` is the string to compare (regex: the pattern, matched with fullmatch).
+    `invert` negates the result (Envoy's invert_match).
+    """
+
+    kind: MatchKind
+    value: str | bool
+    invert: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """All present parts are ANDed; an empty Match matches every request."""
+
+    headers: tuple[tuple[str, StringMatch], ...] = ()  # names lower-cased
+    cookies: tuple[tuple[str, StringMatch], ...] = ()
+    query: tuple[tuple[str, StringMatch], ...] = ()
+    path_prefix: str | None = None
+    methods: tuple[str, ...] = ()  # upper-cased; empty = any
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    """Where the stickiness key comes from: exactly one of header / cookie is set."""
+
+    header: str | None = None  # lower-cased
+    cookie: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A routing rule. Exactly one of `to` and `split` is set.
+
+    `split` keeps config order (it defines the cumulative bucket layout).
+    """
+
+    name: str
+    match: Match | None
+    to: str | None = None
+    split: tuple[tuple[str, float], ...] | None = None
+    sticky: Sticky | None = None
+    max_body_size: int | None = None  # overrides limits.max_body_size for this route
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 2.0
+    response: float = 30.0  # request fully sent -> response head received
+    idle: float = 60.0  # idle keep-alive (client side and pooled upstream side)
+    client_header: float = 10.0  # connection open / previous response done -> request head complete
+    client_body: float = 60.0  # max time between two reads of a request body
+    send: float = 60.0  # max time a write to the client may stay blocked
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_size: int = 32 * 1024  # request line + headers, bytes
+    max_headers: int = 100
+    max_url_length: int = 8 * 1024
+    max_body_size: int | None = None  # None = unlimited
+    max_connections: int = 10_000  # client connections per process
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    max_error_rate: float | None = 0.05
+    max_error_rate_increase: float | None = 0.02
+    max_p99: float | None = None  # seconds
+    max_p99_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FastFail:
+    consecutive_errors: int = 20  # 0 disables
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    canary: str
+    baseline: str
+    steps: tuple[float, ...] = ()
+    interval: float = 30.0
+    window: float = 60.0
+    min_requests: int = 100
+    error_statuses: tuple[str, ...] = ("5xx",)  # "5xx" classes or exact codes like "429"
+    confidence: float = 0.99
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    fast_fail: FastFail = field(default_factory=FastFail)
+    state_file: str | None = None
+    webhook: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    buckets: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    enabled: bool = True
+    path: str | None = None  # None = stdout
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int = 1  # extra attempts after the first
+    budget_percent: float = 20.0  # Envoy-style: retries in flight <= max(min, pct of active)
+    min_concurrent: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_failures: int = 5  # 0 disables
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated config file."""
+
+    listen: Address
+    admin: Address
+    upstreams: dict[str, Upstream]  # config order kept; never mutated
+    routes: tuple[Route, ...]
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    rollout: Rollout | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    retries: Retries = field(default_factory=Retries)
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* we keep
+    admin_token: str | None = None  # resolved value (from admin_token_file / env / inline)
+    shutdown_grace: float = 20.0
+    source_hash: str = ""  # sha256 of the file bytes, first 12 hex digits
+    source_path: str = ""

@@ -1,0 +1,98 @@
+"""A one-screen, human summary of a valid Config, printed by `canary-proxy validate`."""
+
+from __future__ import annotations
+
+from proxy.config.model import Config, Match, Rollout, Route, StringMatch
+from proxy.config.units import fmt_duration, fmt_number, fmt_size
+
+_OPS = {"exact": "==", "prefix": "starts with", "suffix": "ends with", "contains": "contains", "regex": "~"}
+_NOT_OPS = {"exact": "!=", "regex": "!~"}
+
+
+def summarize(cfg: Config) -> str:
+    """Listen/admin, hash, upstreams, routes in order (match -> target or weights), rollout."""
+    lines = [
+        f"config {cfg.source_path or '<string>'} (sha256 {cfg.source_hash})",
+        f"listen {cfg.listen}   admin {cfg.admin} (token {'set' if cfg.admin_token else 'not set'})",
+        "upstreams:",
+    ]
+    width = max((len(name) for name in cfg.upstreams), default=0)
+    for name, up in cfg.upstreams.items():
+        endpoints = ", ".join(f"http://{_host(ep.host)}:{ep.port}" for ep in up.endpoints)
+        lines.append(f"  {name:<{width}}  {up.version or '-'}  {endpoints}")
+    lines.append("routes (first match wins):")
+    width = max((len(r.name) for r in cfg.routes), default=0)
+    for i, route in enumerate(cfg.routes, 1):
+        lines.append(f"  {i}. {route.name:<{width}}  {describe_match(route.match)} -> {describe_target(route)}")
+    if cfg.limits.max_body_size is not None:
+        lines.append(f"max body size {fmt_size(cfg.limits.max_body_size)}")
+    if cfg.rollout is not None:
+        lines.extend(_rollout(cfg.rollout))
+    else:
+        lines.append("rollout: none (weights stay as configured)")
+    return "\n".join(lines)
+
+
+def describe_match(match: Match | None) -> str:
+    """`header user-type == "beta-tester" and path starts with "/api"`; no match: `every request`."""
+    if match is None:
+        return "every request"
+    parts = [_matcher("header", n, m) for n, m in match.headers]
+    parts += [_matcher("cookie", n, m) for n, m in match.cookies]
+    parts += [_matcher("query", n, m) for n, m in match.query]
+    if match.path_prefix is not None:
+        parts.append(f'path starts with "{match.path_prefix}"')
+    if match.methods:
+        parts.append(f"method in {'/'.join(match.methods)}")
+    return " and ".join(parts)
+
+
+def describe_target(route: Route) -> str:
+    """`canary`, or `stable 95% / canary 5% (sticky on header x-user-id)`."""
+    if route.split is None:
+        return route.to or "?"
+    text = " / ".join(f"{name} {fmt_number(weight)}%" for name, weight in route.split)
+    sticky = route.sticky
+    if sticky is None:
+        return f"{text} (random per request)"
+    key = f"header {sticky.header}" if sticky.header else f"cookie {sticky.cookie}"
+    return f"{text} (sticky on {key})"
+
+
+def _matcher(what: str, name: str, m: StringMatch) -> str:
+    if m.kind == "present":
+        return f"{what} {name} {'present' if bool(m.value) != m.invert else 'absent'}"
+    op = _NOT_OPS.get(m.kind, f"not {_OPS[m.kind]}") if m.invert else _OPS[m.kind]
+    value = f"/{m.value}/" if m.kind == "regex" else f'"{m.value}"'
+    return f"{what} {name} {op} {value}"
+
+
+def _rollout(r: Rollout) -> list[str]:
+    steps = " -> ".join(f"{fmt_number(s)}%" for s in r.steps) or "none"
+    t = r.thresholds
+    checks = []
+    if t.max_error_rate is not None:
+        checks.append(f"error rate > {fmt_number(t.max_error_rate * 100)}%")
+    if t.max_error_rate_increase is not None:
+        checks.append(f"error rate > baseline + {fmt_number(t.max_error_rate_increase * 100)} pts")
+    if t.max_p99 is not None:
+        checks.append(f"p99 > {fmt_duration(t.max_p99)}")
+    if t.max_p99_ratio is not None:
+        checks.append(f"p99 > {fmt_number(t.max_p99_ratio)}x baseline")
+    if r.fast_fail.consecutive_errors:
+        checks.append(f"{r.fast_fail.consecutive_errors} consecutive errors")
+    lines = [
+        f'rollout: canary "{r.canary}" vs baseline "{r.baseline}"',
+        f"  steps {steps}, every {fmt_duration(r.interval)} over a {fmt_duration(r.window)} window,"
+        f" at least {r.min_requests} requests, confidence {fmt_number(r.confidence)}",
+        f"  errors: {', '.join(r.error_statuses)}; roll back on: {', '.join(checks) or 'nothing'}",
+    ]
+    if r.state_file:
+        lines.append(f"  state file {r.state_file}")
+    if r.webhook:
+        lines.append(f"  webhook {r.webhook}")
+    return lines
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,323 @@
+"""The data plane: listener, current snapshot, pools, dispatch/retry, recording, deadlines, drain.
+
+Client connections call into this object for everything that needs process-wide state; it holds the
+one snapshot reference that reloads and rollout decisions swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+
+from proxy.accesslog import AccessLogger
+from proxy.compile import Binding, Snapshot
+from proxy.http1 import headers as H
+from proxy.http1.request import Request
+from proxy.http1.server import P_CONNECT, ClientConnection
+from proxy.http1.upstream import DataPlaneLike, EndpointPool, PoolRegistry, UpstreamConnection
+from proxy.router import RequestView, select
+from proxy.stats import KIND_CONNECT, KIND_TIMEOUT, Stats
+
+log = logging.getLogger("canary_proxy.dataplane")
+
+SWEEP_INTERVAL = 0.25
+
+
+class DataPlane(DataPlaneLike):
+    """Everything the client and upstream legs share within one process."""
+
+    snapshot: Snapshot  # set by swap() before start()
+
+    def __init__(
+        self, stats: Stats, loop: asyncio.AbstractEventLoop, rng: Callable[[], float] = random.random
+    ) -> None:
+        self.stats = stats
+        self.loop = loop
+        self.loop_time = loop.time  # type: ignore[method-assign]
+        self.rng = rng
+        self.pools = PoolRegistry(self)
+        self.clients: set[ClientConnection] = set()
+        self.tunnels: set[ClientConnection] = set()
+        self.upstream_conns: set[UpstreamConnection] = set()
+        self.draining = False
+        self.server: asyncio.Server | None = None
+        self.access_log: AccessLogger | None = None
+        self.retrying = 0
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex().encode()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
+        """Listen and start the deadline sweeper."""
+        if sock is not None:
+            self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+        else:
+            self.server = await self.loop.create_server(
+                lambda: ClientConnection(self), host, port, reuse_port=reuse_port or None, backlog=4096
+            )
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    @property
+    def bound_port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def swap(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` current. In-flight requests keep the one they started with."""
+        self.snapshot = snapshot
+        keys = {ep.key for up in snapshot.config.upstreams.values() for ep in up.endpoints}
+        self.pools.retain(keys)
+
+    async def drain(self, grace: float) -> bool:
+        """Stop accepting, let in-flight requests finish (up to `grace` s); True if all finished."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        deadline = self.loop.time() + grace
+        while True:
+            for c in list(self.clients):
+                if c.current is None and c.req is None and not c.queue and c.tunnel is None:
+                    c.close()  # idle keep-alive: nothing to lose
+            if not self.clients or self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        clean = not self.clients
+        for c in list(self.clients):
+            c.abort()
+        return clean
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+            self._sweeper = None
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for c in list(self.clients):
+            c.abort()
+        self.pools.close_all()
+        for u in list(self.upstream_conns):
+            u.abort()
+
+    # -- per request -----------------------------------------------------------------------------
+
+    def route_and_limit(self, req: Request, client: ClientConnection) -> int | None:
+        """Route `req` (its head is complete) and build the upstream head; returns the body limit."""
+        snap = req.snapshot
+        picked = select(snap.rules, RequestView(req.method, req.path, req.query, req.rhdrs), self.rng)
+        limit = snap.config.limits.max_body_size
+        if picked is not None:
+            rule, binding = picked
+            req.route = rule.name
+            req.binding = binding
+            route_limit = snap.config.routes[rule.index].max_body_size
+            if route_limit is not None:
+                limit = route_limit
+        req.head = self._head(req, client, snap)
+        return limit
+
+    def _head(self, req: Request, client: ClientConnection, snap: Snapshot) -> bytes:
+        lines = req.lines
+        upgrade = b""
+        tokens = req.conn_tokens
+        if tokens:
+            drop = {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade") and t not in H.PROTECTED}
+            if drop:
+                lines = [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in drop]
+            if req.upgrade is not None and b"upgrade" in tokens:
+                upgrade = b"Connection: upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"
+        if not upgrade:
+            req.upgrade = None
+        peer = client.peer
+        trusted = bool(snap.trusted) and self._trusted(peer, snap)
+        xff = peer if req.xff is None else req.xff + b", " + peer
+        proto = req.xfproto if trusted and req.xfproto else b"http"
+        fhost = req.xfhost if trusted and req.xfhost else req.host
+        if req.reqid is None:
+            req.reqid = b"%s-%x" % (self._id_prefix, next(self._ids))
+        if req.te is not None:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif req.clen >= 0:
+            framing = b"Content-Length: %d\r\n" % req.clen
+        else:
+            framing = b""
+        return b"%s %s HTTP/1.1\r\n%s%s%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n%s%sX-Request-Id: %s\r\n\r\n" % (
+            req.method,
+            req.target,
+            b"".join(lines),
+            framing,
+            upgrade,
+            xff,
+            proto,
+            b"X-Forwarded-Host: " + fhost + b"\r\n" if fhost else b"",
+            b"Via: 1.0 canary-proxy\r\n" if req.version10 else H.VIA_LINE,
+            req.reqid,
+        )
+
+    @staticmethod
+    def _trusted(peer: bytes, snap: Snapshot) -> bool:
+        try:
+            addr = ipaddress.ip_address(peer.decode())
+        except ValueError:
+            return False
+        return any(addr in net for net in snap.trusted)
+
+    def dispatch(self, req: Request, client: ClientConnection) -> None:
+        """Send `req` to an endpoint of its bound upstream."""
+        binding = req.binding
+        if binding is None:
+            client.respond_error(req, 404 if not req.route else 503)
+            return
+        pool = binding.upstream.balancer.pick(self.loop.time())
+        if pool is None:
+            client.respond_error(req, 503)
+            return
+        self._send(req, client, pool)
+
+    def _send(self, req: Request, client: ClientConnection, pool: EndpointPool) -> None:
+        req.pool = pool
+        conn = pool.take_idle()
+        if conn is not None:
+            client.upstream_ready(conn)
+            return
+        client.pause_reading_for(P_CONNECT)
+        client.connect_task = self.loop.create_task(self._connect(req, client, pool))
+
+    async def _connect(self, req: Request, client: ClientConnection, pool: EndpointPool) -> None:
+        try:
+            conn = await pool.connect(req.snapshot.config.timeouts.connect)
+        except TimeoutError:
+            client.connect_task = None
+            self.upstream_error(req, client, KIND_CONNECT)
+            client.upstream_failed(req, KIND_CONNECT, 504)
+        except OSError:
+            client.connect_task = None
+            self.upstream_error(req, client, KIND_CONNECT)
+            client.upstream_failed(req, KIND_CONNECT, 502)
+        else:
+            client.connect_task = None
+            if client.closed or client.current is not req:
+                pool.release(conn, True, req.snapshot.config.timeouts.idle)
+            else:
+                client.upstream_ready(conn)
+
+    def upstream_error(self, req: Request, client: ClientConnection, kind: int) -> None:
+        """Record one failed attempt against the upstream and endpoint that failed."""
+        binding = req.binding
+        if binding is None:
+            return
+        now = self.loop.time()
+        us = binding.upstream.stats
+        us.errors[kind] += 1
+        us.observe(time.time(), time.monotonic() - req.t0, True)
+        req.failed = True
+        pool = req.pool
+        if pool is not None and pool.record_failure(req.snapshot.config.outlier_detection, now):
+            name = binding.upstream.name
+            self.stats.ejections[name] = self.stats.ejections.get(name, 0) + 1
+            log.warning("endpoint %s of %s ejected for %.0fs", pool.endpoint.key, name, pool.ejected_until - now)
+
+    def retry(self, req: Request, client: ClientConnection, kind: int) -> bool:
+        """Try another endpoint (or, for the canary, the baseline) if that is safe and in budget."""
+        if req.status or req.body_forwarded or req.binding is None:
+            return False
+        snap = req.snapshot
+        cfg = snap.config.retries
+        if req.attempts > cfg.attempts or req.attempts and kind != KIND_CONNECT and req.method not in H.IDEMPOTENT:
+            return False
+        budget = max(cfg.min_concurrent, self.stats.in_flight * cfg.budget_percent / 100)
+        if self.retrying >= budget:
+            return False
+        upstream = req.binding.upstream
+        pool = upstream.balancer.pick(self.loop.time(), exclude=req.pool)
+        if pool is None or pool.ejected_until > self.loop.time():
+            fallback = snap.fallback.get(upstream.name)
+            if fallback is None:
+                return False
+            req.binding = Binding(fallback, self.stats.route_counts_for(req.route, fallback.name))
+            upstream = fallback
+            pool = fallback.balancer.pick(self.loop.time())
+            if pool is None:
+                return False
+        if not req.attempts:
+            req.attempts = 1  # a connect failure is an attempt too
+        self.retrying += 1
+        req.failed = False
+        req.attempts += 1
+        self.stats.retries[upstream.name] = self.stats.retries.get(upstream.name, 0) + 1
+        self._send(req, client, pool)
+        return True
+
+    def finish(self, req: Request, aborted: bool) -> None:
+        """Record a finished exchange (response written, or the client gone)."""
+        stats = self.stats
+        stats.in_flight -= 1
+        if req.attempts > 1:
+            self.retrying -= 1
+        status = req.status
+        binding = req.binding
+        now = time.monotonic()
+        if binding is not None and status:
+            binding.counts.by_class[status // 100] += 1
+            if not req.failed and not aborted:
+                binding.upstream.stats.observe(time.time(), now - req.t0, req.snapshot.is_error[status])
+                pool = req.pool
+                if pool is not None:
+                    if status >= 500:
+                        pool.record_failure(req.snapshot.config.outlier_detection, self.loop.time())
+                    else:
+                        pool.consecutive_failures = 0
+        elif status:
+            req.snapshot.unmatched.by_class[status // 100] += 1
+        log_ = self.access_log
+        if log_ is not None:
+            log_.record(req, now, binding.upstream.name if binding is not None else "")
+
+    def upstream_timeout(self, conn: UpstreamConnection) -> None:
+        client = conn.client
+        if client is None:
+            conn.close()
+            return
+        req = client.current
+        conn.client = None
+        conn.abort()
+        if req is None or client.upstream is not conn:
+            return
+        self.upstream_error(req, client, KIND_TIMEOUT)
+        client.upstream = None
+        if req.status:
+            client.abort()
+        else:
+            client.respond_error(req, 504)
+
+    # -- deadlines -------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Enforce deadlines without a timer per request: a coarse periodic scan."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = self.loop.time()
+            send_timeout = self.snapshot.config.timeouts.send
+            for c in list(self.clients):
+                if c.dkind and c.deadline <= now:
+                    c.on_timeout(now)
+                elif c.write_blocked_at and now - c.write_blocked_at > send_timeout:
+                    c.abort()
+            for u in list(self.upstream_conns):
+                if u.deadline and u.deadline <= now:
+                    u.deadline = 0.0
+                    self.upstream_timeout(u)

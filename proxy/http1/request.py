@@ -1,0 +1,99 @@
+"""Per-request state shared by the client and upstream legs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.compile import Binding, Snapshot
+    from proxy.http1.upstream import EndpointPool
+
+# Response body framing towards the client.
+F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
+
+
+class Request:
+    """One client request, from its first byte to the end of its response."""
+
+    __slots__ = (
+        "attempts",
+        "binding",
+        "body",
+        "body_bytes",
+        "body_forwarded",
+        "clen",
+        "complete",
+        "conn_tokens",
+        "error",
+        "expect",
+        "failed",
+        "framing",
+        "head",
+        "host",
+        "hsize",
+        "keep_alive",
+        "lines",
+        "max_body",
+        "method",
+        "nheaders",
+        "path",
+        "peer",
+        "pool",
+        "query",
+        "reqid",
+        "rhdrs",
+        "route",
+        "sent",
+        "snapshot",
+        "status",
+        "t0",
+        "target",
+        "te",
+        "upgrade",
+        "version10",
+        "via",
+        "xff",
+        "xfhost",
+        "xfproto",
+    )
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.method = b""
+        self.target = b""
+        self.path = b""
+        self.peer = b""
+        self.query = b""
+        self.version10 = False
+        self.keep_alive = True
+        self.lines: list[bytes] = []
+        self.conn_tokens: list[bytes] | None = None
+        self.host: bytes | None = None
+        self.xff: bytes | None = None
+        self.xfproto: bytes | None = None
+        self.xfhost: bytes | None = None
+        self.via: bytes | None = None
+        self.reqid: bytes | None = None
+        self.expect = False
+        self.upgrade: bytes | None = None
+        self.te: bytes | None = None
+        self.clen = -1
+        self.rhdrs: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.body_forwarded = False
+        self.complete = False
+        self.error = 0
+        self.failed = False  # an upstream failure was already recorded for analysis
+        self.t0 = 0.0
+        self.binding: Binding | None = None
+        self.route = ""
+        self.head = b""
+        self.status = 0
+        self.sent = 0
+        self.framing = F_NONE
+        self.attempts = 0
+        self.pool: EndpointPool | None = None
+        self.hsize = 0
+        self.nheaders = 0
+        self.max_body: int | None = None

@@ -1,0 +1,617 @@
+"""Client leg: one asyncio.Protocol per client connection, parsing requests with httptools.
+
+A request is parsed, validated, routed (reading the snapshot once), and streamed to an upstream
+connection; the response streams back through :mod:`proxy.http1.upstream`. Pipelined requests are
+queued and answered in order. Reading is paused whenever a peer cannot keep up (backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import monotonic
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxy.http1 import headers as H
+from proxy.http1.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Request
+from proxy.router import RequestView, select
+
+if TYPE_CHECKING:
+    from proxy.config.model import Timeouts
+    from proxy.dataplane import DataPlane
+    from proxy.http1.upstream import UpstreamConnection
+
+log = logging.getLogger("canary_proxy.http")
+
+# Why client reading is paused (bitmask): waiting for a pipelined turn, upstream write buffer full,
+# or waiting for an upstream connection.
+P_PIPELINE, P_UPLOAD, P_CONNECT = 1, 2, 4
+# What the client deadline means.
+D_NONE, D_HEADER, D_IDLE, D_BODY = range(4)
+
+
+class Reject(Exception):
+    """Raised from a parser callback to stop parsing and answer `status`."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.timeouts: Timeouts = plane.snapshot.config.timeouts
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = b""
+        self.req: Request | None = None  # being parsed
+        self.current: Request | None = None  # being proxied
+        self.queue: deque[Request] = deque()
+        self.upstream: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.paused = 0
+        self.dead = False  # parser stopped (error or upgrade); no more requests on this connection
+        self.closed = False
+        self.tunnel: UpstreamConnection | None = None
+        self.early: list[bytes] = []  # bytes after an Upgrade request, before the 101
+        self.deadline = 0.0
+        self.dkind = D_NONE
+        self.write_blocked_at = 0.0
+        self.served = 0
+        # Response bytes produced while the upstream's data is parsed, written in one call after.
+        self.wbuf: list[bytes] = []
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        plane = self.plane
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0] if peer else "unknown").encode()
+        plane.clients.add(self)
+        if len(plane.clients) > plane.snapshot.config.limits.max_connections or plane.draining:
+            transport.write(H.error_response(503))
+            self.close()
+            return
+        self.deadline = plane.loop_time() + self.timeouts.client_header
+        self.dkind = D_HEADER
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.plane.clients.discard(self)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        up = self.upstream or self.tunnel
+        self.upstream = self.tunnel = None
+        if up is not None:
+            up.client = None
+            up.abort()  # the client went away: stop the upstream work too (like nginx, Envoy)
+        req = self.current
+        if req is not None:
+            self.current = None
+            req.status = req.status or 499
+            self.plane.finish(req, aborted=True)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.write_blocked_at = self.plane.loop_time()
+        up = self.upstream or self.tunnel
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_blocked_at = 0.0
+        up = self.upstream or self.tunnel
+        if up is not None and up.transport is not None:
+            up.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            t = self.tunnel.transport
+            if t is not None:
+                t.write(data)
+            return
+        if self.dead:
+            if self.current is not None and self.current.upgrade is not None:
+                self.early.append(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.dead = True
+            rest = data[exc.args[0] :] if exc.args else b""
+            if rest:
+                self.early.append(rest)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__cause__
+            self.bad_request(cause.status if isinstance(cause, Reject) else 400)
+        except httptools.HttpParserError:
+            self.bad_request(400)
+
+    # -- request parsing (httptools callbacks) ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.req = req = Request(self.plane.snapshot)
+        req.peer = self.peer
+        self.timeouts = req.snapshot.config.timeouts
+        if self.dkind == D_IDLE:
+            self.deadline = self.plane.loop_time() + self.timeouts.client_header
+            self.dkind = D_HEADER
+
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.target += url
+        if len(req.target) > req.snapshot.config.limits.max_url_length:
+            raise Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        assert req is not None
+        if req.t0:
+            return  # a trailer after a chunked body: not forwarded (we re-frame the body)
+        limits = req.snapshot.config.limits
+        req.nheaders += 1
+        req.hsize += len(name) + len(value) + 4
+        if req.nheaders > limits.max_headers or req.hsize > limits.max_header_size:
+            raise Reject(431)
+        lname = name.lower()
+        if lname in req.snapshot.route_headers:
+            old = req.rhdrs.get(lname)
+            req.rhdrs[lname] = value if old is None else old + b", " + value
+        kind = H.REQUEST_SPECIAL.get(lname)
+        if kind is None:
+            req.lines.append(name + b": " + value + b"\r\n")
+        elif kind == H.H_CL:
+            req.clen = int(value)
+        elif kind == H.H_HOST:
+            if req.host is not None:
+                raise Reject(400)
+            req.host = value
+            req.lines.append(name + b": " + value + b"\r\n")
+        elif kind == H.H_TE:
+            if req.te is not None:
+                raise Reject(400)
+            req.te = value
+        elif kind == H.H_CONNECTION:
+            req.conn_tokens = (req.conn_tokens or []) + H.connection_tokens(value)
+        elif kind == H.H_XFF:
+            req.xff = value if req.xff is None else req.xff + b", " + value
+        elif kind == H.H_XFPROTO:
+            req.xfproto = value
+        elif kind == H.H_XFHOST:
+            req.xfhost = value
+        elif kind == H.H_VIA:
+            req.via = value if req.via is None else req.via + b", " + value
+            req.lines.append(name + b": " + value + b"\r\n")
+        elif kind == H.H_REQID:
+            req.reqid = value
+        elif kind == H.H_EXPECT:
+            if value.strip().lower() != b"100-continue":
+                raise Reject(417)
+            req.expect = True
+            req.lines.append(name + b": " + value + b"\r\n")
+        elif kind == H.H_UPGRADE:
+            req.upgrade = value
+        # H_HOP: dropped
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        plane = self.plane
+        now = plane.loop_time()
+        req.t0 = monotonic()  # loop.time() is only ms-precise and cached per iteration
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version != "1.0":
+                raise Reject(505)
+            req.version10 = True
+        req.method = parser.get_method()
+        req.keep_alive = parser.should_keep_alive() and not plane.draining
+        self._validate(req)
+        req.max_body = plane.route_and_limit(req, self)
+        if req.clen >= 0:
+            if req.max_body is not None and req.clen > req.max_body:
+                raise Reject(413)
+            if req.clen:
+                self.deadline = now + self.timeouts.client_body
+                self.dkind = D_BODY
+            else:
+                self.dkind = D_NONE
+        elif req.te is not None:
+            self.deadline = now + self.timeouts.client_body
+            self.dkind = D_BODY
+        else:
+            self.dkind = D_NONE
+        if self.current is None:
+            self.start(req)
+        else:
+            self.queue.append(req)
+            self.pause_reading_for(P_PIPELINE)
+
+    def _validate(self, req: Request) -> None:
+        """Refuse what must never be forwarded (RFC 9112 framing, smuggling vectors, loops)."""
+        if req.method == b"CONNECT":
+            raise Reject(405)
+        if req.te is not None:
+            # Only a lone `chunked` coding is accepted; HTTP/1.0 cannot use chunked at all.
+            if req.version10 or req.te.strip().lower() != b"chunked":
+                raise Reject(400 if req.version10 else 501)
+        if req.host is None and not req.version10:
+            raise Reject(400)
+        target = req.target
+        if target[:1] != b"/":
+            if target == b"*" and req.method == b"OPTIONS":
+                req.path = b"*"
+                return
+            lower = target[:8].lower()
+            if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
+                raise Reject(400)
+            # Absolute form never chooses the destination: its authority must equal Host.
+            rest = target.split(b"://", 1)[1]
+            slash = rest.find(b"/")
+            authority = rest if slash < 0 else rest[:slash]
+            if req.host is None or authority.lower() != req.host.lower():
+                raise Reject(400)
+            target = b"/" if slash < 0 else rest[slash:]
+            req.target = target
+        q = target.find(b"?")
+        if q < 0:
+            req.path = target
+        else:
+            req.path = target[:q]
+            req.query = target[q + 1 :]
+        if req.via is not None and H.VIA_TOKEN in req.via:
+            for entry in req.via.split(b","):
+                parts = entry.split()
+                if len(parts) >= 2 and parts[1] == H.VIA_TOKEN:
+                    raise Reject(508)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.body_bytes += len(body)
+        if req.max_body is not None and req.body_bytes > req.max_body:
+            raise Reject(413)
+        if self.dkind == D_BODY:
+            self.deadline = self.plane.loop_time() + self.timeouts.client_body
+        up = self.upstream
+        if up is not None and req is self.current and up.transport is not None:
+            self.forward_body(req, up.transport, body)
+        else:
+            req.body.append(body)
+            if req is not self.current or up is None:
+                self.pause_reading_for(P_CONNECT)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        self.req = None
+        req.complete = True
+        if self.dkind == D_BODY:
+            self.dkind = D_NONE
+        up = self.upstream
+        if up is not None and req is self.current and up.transport is not None:
+            if req.te is not None:
+                up.transport.write(b"0\r\n\r\n")
+            up.deadline = self.plane.loop_time() + self.timeouts.response
+
+    # -- proxying --------------------------------------------------------------------------------
+
+    def start(self, req: Request) -> None:
+        """Begin proxying `req` (its head is parsed; its body may still be arriving)."""
+        self.current = req
+        self.plane.stats.in_flight += 1
+        if req.error:
+            self.respond_error(req, req.error)
+            return
+        self.plane.dispatch(req, self)
+
+    def forward_body(self, req: Request, transport: asyncio.Transport, body: bytes) -> None:
+        req.body_forwarded = True
+        if req.te is not None:
+            transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        else:
+            transport.write(body)
+
+    def upstream_ready(self, conn: UpstreamConnection) -> None:
+        """An upstream connection is ours: send the head and whatever body is buffered."""
+        req = self.current
+        t = conn.transport
+        if req is None or self.closed or t is None:
+            return
+        self.upstream = conn
+        conn.client = self
+        req.attempts += 1
+        if req.body:
+            t.write(req.head)
+            chunks, req.body = req.body, []
+            for chunk in chunks:
+                self.forward_body(req, t, chunk)
+            if req.complete and req.te is not None:
+                t.write(b"0\r\n\r\n")
+        elif req.complete and req.te is not None:
+            t.write(req.head + b"0\r\n\r\n")
+        else:
+            t.write(req.head)
+        if req.complete:
+            conn.deadline = self.plane.loop_time() + self.timeouts.response
+        else:
+            conn.deadline = 0.0
+        self.resume_reading_for(P_CONNECT)
+
+    def response_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
+        req = self.current
+        if req is None or req.version10 or self.transport is None:
+            return
+        self.wbuf.append(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines)))
+
+    def response_head(self, conn: UpstreamConnection, status: int) -> None:
+        req = self.current
+        transport = self.transport
+        if req is None or transport is None:
+            return
+        req.status = status
+        keep = req.keep_alive and req.complete and not self.plane.draining
+        lines = conn.filtered_lines()
+        extra = H.VIA_LINE
+        if not conn.has_reqid and req.reqid is not None:
+            extra += b"X-Request-Id: " + req.reqid + b"\r\n"
+        if status == 101:
+            if req.upgrade is None:
+                conn.client = None
+                self.upstream_protocol_error(conn, "101 without an upgrade request")
+                return
+            self.wbuf.append(
+                b"HTTP/1.1 101 %s\r\n%sConnection: upgrade\r\n%s\r\n" % (conn.reason, b"".join(lines), extra)
+            )
+            self.flush()
+            self.begin_tunnel(conn)
+            return
+        if req.method == b"HEAD" or status == 204 or status == 304:
+            req.framing = F_NONE
+        elif conn.content_length >= 0:
+            req.framing = F_LENGTH
+        elif not req.version10:
+            req.framing = F_CHUNKED
+            extra += b"Transfer-Encoding: chunked\r\n"
+        else:
+            req.framing = F_CLOSE
+            keep = False
+        if not conn.chunked and conn.content_length < 0 and req.framing != F_NONE:
+            conn.until_close = True
+        if not keep:
+            req.keep_alive = False
+            extra += b"Connection: close\r\n"
+        elif req.version10:
+            extra += b"Connection: keep-alive\r\n"
+        self.wbuf.append(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, conn.reason, b"".join(lines), extra))
+        if req.framing == F_NONE and req.method == b"HEAD":
+            # llhttp would wait for a HEAD response's announced body: finish here, parse afresh.
+            conn.reset_parser()
+            self.response_complete(conn, conn.parser.should_keep_alive() or conn.content_length >= 0)
+
+    def response_body(self, body: bytes) -> None:
+        req = self.current
+        if req is None:
+            return
+        req.sent += len(body)
+        if req.framing == F_CHUNKED:
+            self.wbuf += (b"%x\r\n" % len(body), body, b"\r\n")
+        else:
+            self.wbuf.append(body)
+
+    def flush(self) -> None:
+        """Write what the response produced during this read, in one call."""
+        wbuf = self.wbuf
+        if wbuf:
+            self.wbuf = []
+            t = self.transport
+            if t is not None:
+                t.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
+
+    def response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
+        req = self.current
+        if req is None:
+            return
+        if req.framing == F_CHUNKED:
+            self.wbuf.append(b"0\r\n\r\n")
+        self.upstream = None
+        if conn.client is self:
+            conn.client = None
+        conn.until_close = False
+        pool = req.pool
+        if pool is not None:
+            pool.release(conn, upstream_keep_alive and req.complete, self.timeouts.idle)
+        self.end_exchange(req)
+
+    def end_exchange(self, req: Request) -> None:
+        """The response is fully written: record it, then serve the next request or close."""
+        self.current = None
+        self.served += 1
+        self.plane.finish(req, aborted=False)
+        if not req.keep_alive or self.dead and not self.queue:
+            self.close()
+            return
+        if self.queue:
+            self.plane.loop.call_soon(self._next_in_line)
+        else:
+            self.deadline = self.plane.loop_time() + self.timeouts.idle
+            self.dkind = D_IDLE
+            self.resume_reading_for(P_PIPELINE)
+
+    def _next_in_line(self) -> None:
+        if self.closed or self.current is not None or not self.queue:
+            return
+        req = self.queue.popleft()
+        if not self.queue:
+            self.resume_reading_for(P_PIPELINE)
+        self.start(req)
+
+    # -- failures --------------------------------------------------------------------------------
+
+    def bad_request(self, status: int) -> None:
+        """Malformed input: answer in order, never forward anything more, close."""
+        self.dead = True
+        self.plane.stats.rejected += 1
+        req = self.req or Request(self.plane.snapshot)
+        self.req = None
+        req.error = status
+        req.keep_alive = False
+        if req is self.current:
+            up, self.upstream = self.upstream, None
+            if up is not None:
+                up.client = None
+                up.abort()
+            if req.status:
+                self.abort()
+            else:
+                self.respond_error(req, status)
+            return
+        if req in self.queue:
+            return
+        if self.current is None:
+            self.start(req)
+        else:
+            self.queue.append(req)
+
+    def respond_error(self, req: Request, status: int) -> None:
+        """Answer `req` with a proxy-generated error response."""
+        req.status = status
+        transport = self.transport
+        self.flush()
+        if transport is not None:
+            close = not req.keep_alive or status >= 500 and req.body_bytes > 0 or not req.complete
+            if close:
+                req.keep_alive = False
+            resp = H.head_error_response(status, close) if req.method == b"HEAD" else H.error_response(status, close)
+            transport.write(resp)
+        self.end_exchange(req)
+
+    def upstream_failed(self, req: Request, kind: int, status: int) -> None:
+        """The upstream could not give a response: retry if allowed, else answer `status`."""
+        if req is not self.current or self.closed:
+            return
+        self.upstream = None
+        if self.plane.retry(req, self, kind):
+            return
+        if req.status:  # the response had started: the client must see a truncated response
+            self.abort()
+            return
+        self.respond_error(req, status)
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None, transport: object) -> None:
+        req = self.current
+        if self.tunnel is conn:
+            self.tunnel = None
+            self.close()
+            return
+        if req is None or self.upstream is not conn:
+            return
+        if conn.until_close and exc is None:
+            self.response_complete(conn, False)  # a body framed by connection close ended normally
+            self.flush()
+            return
+        self.plane.upstream_error(req, self, 2)  # reset
+        self.upstream_failed(req, 2, 502)
+
+    def upstream_protocol_error(self, conn: UpstreamConnection, why: str) -> None:
+        req = self.current
+        conn.client = None
+        conn.abort()
+        if req is None or self.upstream is not conn:
+            return
+        log.warning("upstream %s:%d sent an invalid response: %s", conn.pool.host, conn.pool.port, why)
+        self.plane.upstream_error(req, self, 3)
+        self.upstream = None
+        if req.status:
+            self.abort()
+        else:
+            self.respond_error(req, 502)
+
+    def on_timeout(self, now: float) -> None:
+        """The sweeper found our deadline passed."""
+        if self.dkind == D_IDLE:
+            self.close()
+        elif self.dkind == D_HEADER:
+            if self.req is not None and self.current is None:
+                self.dead = True
+                req, self.req = self.req, None
+                req.keep_alive = False
+                self.start_error(req, 408)
+            elif self.current is None:
+                self.close()
+        elif self.dkind == D_BODY:
+            req = self.current
+            if req is not None and not req.status and self.upstream is not None:
+                up, self.upstream = self.upstream, None
+                up.client = None
+                up.abort()
+                req.keep_alive = False
+                self.respond_error(req, 408)
+            else:
+                self.abort()
+        self.dkind = D_NONE
+
+    def start_error(self, req: Request, status: int) -> None:
+        req.error = status
+        self.start(req)
+
+    # -- tunnel (Upgrade) ------------------------------------------------------------------------
+
+    def begin_tunnel(self, conn: UpstreamConnection) -> None:
+        req = self.current
+        self.upstream = None
+        self.tunnel = conn
+        conn.tunnel = True
+        conn.deadline = 0.0
+        self.dkind = D_NONE
+        self.dead = True
+        if req is not None:
+            self.current = None
+            self.plane.finish(req, aborted=False)
+        t = conn.transport
+        if t is not None:
+            for chunk in self.early:
+                t.write(chunk)
+        self.early = []
+        self.plane.tunnels.add(self)
+        self.paused = 0
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def tunnel_write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    # -- flow control and closing ----------------------------------------------------------------
+
+    def pause_reading_for(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_reading_for(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.dead = True
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+        self.plane.tunnels.discard(self)
+
+    def abort(self) -> None:
+        """Close without flushing: the client sees a truncated response, never a fake complete one."""
+        self.dead = True
+        self.flush()
+        if self.transport is not None:
+            self.transport.abort()

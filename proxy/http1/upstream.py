@@ -1,0 +1,309 @@
+"""Upstream leg: per-endpoint keep-alive pools, round-robin balancing with passive outlier ejection,
+and the response parser that streams a response back to the client leg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxy.config.model import Endpoint, OutlierDetection
+from proxy.http1.headers import R_CL, R_CONNECTION, R_REQID, R_TE, R_UPGRADE, RESPONSE_SPECIAL
+
+if TYPE_CHECKING:
+    from proxy.http1.server import ClientConnection
+
+log = logging.getLogger("canary_proxy.upstream")
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to an endpoint. Bound to at most one client exchange at a time."""
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.deadline = 0.0  # loop time; 0 = none
+        self.tunnel = False
+        self.started = False  # response head forwarded to the client
+        self.interim = False  # parsing a 1xx
+        self.until_close = False  # response framed by connection close
+        self.lines: list[bytes] = []
+        self.reason = b""
+        self.content_length = -1
+        self.chunked = False
+        self.has_reqid = False
+        self.conn_tokens: list[bytes] | None = None
+        self.upgrade = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.pool.plane.upstream_conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.plane.upstream_conns.discard(self)
+        self.pool.forget(self)
+        transport, self.transport = self.transport, None
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.upstream_lost(self, exc, transport)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading_for(2)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading_for(2)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            self.close()  # nobody asked: an idle connection must stay silent
+            return
+        if self.tunnel:
+            client.tunnel_write(data)
+            return
+        if self.started:
+            self.deadline = client.plane.loop_time() + client.timeouts.response
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            rest = data[exc.args[0] :] if exc.args else b""
+            if self.tunnel and rest and self.client is not None:
+                self.client.tunnel_write(rest)
+        except httptools.HttpParserError as exc:
+            client.upstream_protocol_error(self, str(exc))
+        client.flush()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.lines = []
+        self.content_length = -1
+        self.chunked = False
+        self.has_reqid = False
+        self.conn_tokens = None
+        self.upgrade = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.started:
+            return  # trailers: dropped (we re-frame the body)
+        lname = name.lower()
+        kind = RESPONSE_SPECIAL.get(lname)
+        if kind is None:
+            self.lines.append(name + b": " + value + b"\r\n")
+            return
+        if kind == R_CL:
+            self.content_length = int(value)
+            self.lines.append(b"Content-Length: " + value + b"\r\n")
+        elif kind == R_TE:
+            self.chunked = True
+        elif kind == R_CONNECTION:
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            self.conn_tokens = (self.conn_tokens or []) + tokens
+        elif kind == R_UPGRADE:
+            self.upgrade = True
+            self.lines.append(b"Upgrade: " + value + b"\r\n")
+        elif kind == R_REQID:
+            self.has_reqid = True
+            self.lines.append(name + b": " + value + b"\r\n")
+        # R_HOP: dropped
+
+    def on_headers_complete(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.interim = True
+            client.response_interim(status, self.reason, self.lines)
+            return
+        self.started = True
+        client.response_head(self, status)
+
+    def on_body(self, body: bytes) -> None:
+        client = self.client
+        if client is not None:
+            client.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        client = self.client
+        if client is not None:
+            client.response_complete(self, self.parser.should_keep_alive())
+
+    # -- pool side -------------------------------------------------------------------------------
+
+    def filtered_lines(self) -> list[bytes]:
+        """Response header lines without the ones named in Connection (rarely needed)."""
+        tokens = self.conn_tokens
+        if not tokens:
+            return self.lines
+        drop = {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade")}
+        if not drop:
+            return self.lines
+        return [ln for ln in self.lines if ln.split(b":", 1)[0].lower() not in drop]
+
+    def reset_parser(self) -> None:
+        """A response to HEAD has no body whatever its framing headers say; start afresh."""
+        self.parser = httptools.HttpResponseParser(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class EndpointPool:
+    """Idle keep-alive connections to one endpoint, plus its outlier-ejection state."""
+
+    def __init__(self, endpoint: Endpoint, plane: DataPlaneLike) -> None:
+        self.endpoint = endpoint
+        self.host = endpoint.host
+        self.port = endpoint.port
+        self.plane = plane
+        self.idle: list[UpstreamConnection] = []
+        self.retired = False  # endpoint removed by a reload: drain, then close
+        self.consecutive_failures = 0
+        self.ejections = 0
+        self.ejected_until = 0.0
+        self.connects = 0  # connections opened (for tests and /status)
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled connection that is still open, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            t = conn.transport
+            if t is not None and not t.is_closing():
+                return conn
+        return None
+
+    async def connect(self, timeout: float) -> UpstreamConnection:
+        """Open a new connection (raises OSError / TimeoutError)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
+        self.connects += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection, reusable: bool, idle_timeout: float) -> None:
+        """Give a connection back after a complete exchange."""
+        conn.client = None
+        conn.started = False
+        t = conn.transport
+        if not reusable or self.retired or t is None or t.is_closing():
+            conn.close()
+            return
+        conn.deadline = self.plane.loop_time() + idle_timeout
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def retire(self) -> None:
+        """Stop reusing this endpoint: close idle connections; busy ones close when done."""
+        self.retired = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+    # -- passive outlier detection (Envoy-style consecutive failures) ----------------------------
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+
+    def record_failure(self, od: OutlierDetection, now: float) -> bool:
+        """Count a failure; returns True when this failure ejects the endpoint."""
+        self.consecutive_failures += 1
+        if od.consecutive_failures and self.consecutive_failures >= od.consecutive_failures:
+            self.ejections += 1
+            self.consecutive_failures = 0
+            self.ejected_until = now + min(od.base_ejection_time * self.ejections, od.max_ejection_time)
+            return True
+        return False
+
+
+class Balancer:
+    """Round-robin over one upstream's endpoints, skipping ejected ones (never all of them)."""
+
+    __slots__ = ("i", "name", "pools")
+
+    def __init__(self, name: str, pools: tuple[EndpointPool, ...]) -> None:
+        self.name = name
+        self.pools = pools
+        self.i = 0
+
+    def pick(self, now: float, exclude: EndpointPool | None = None) -> EndpointPool | None:
+        """Next endpoint; ejected endpoints are skipped unless every endpoint is ejected."""
+        pools = self.pools
+        n = len(pools)
+        if n == 1:
+            p = pools[0]
+            return None if p is exclude else p
+        for _ in range(n):
+            self.i = (self.i + 1) % n
+            p = pools[self.i]
+            if p is not exclude and p.ejected_until <= now:
+                return p
+        # Everything is ejected: panic mode, like Envoy, rather than failing all traffic.
+        for p in pools:
+            if p is not exclude:
+                return p
+        return None
+
+
+class DataPlaneLike:
+    """What pools need from the data plane (kept tiny to avoid an import cycle)."""
+
+    upstream_conns: set[UpstreamConnection]
+
+    def loop_time(self) -> float:
+        raise NotImplementedError
+
+
+class PoolRegistry:
+    """Endpoint pools by `host:port`, kept across reloads so unchanged endpoints keep their
+    connections; balancers are rebuilt per snapshot."""
+
+    def __init__(self, plane: DataPlaneLike) -> None:
+        self.plane = plane
+        self.pools: dict[str, EndpointPool] = {}
+
+    def pool_for(self, endpoint: Endpoint) -> EndpointPool:
+        pool = self.pools.get(endpoint.key)
+        if pool is None or pool.retired:
+            pool = self.pools[endpoint.key] = EndpointPool(endpoint, self.plane)
+        return pool
+
+    def balancer(self, name: str, pools: tuple[EndpointPool, ...]) -> Balancer:
+        return Balancer(name, pools)
+
+    def retain(self, keys: set[str]) -> None:
+        """Retire (drain and close) every pool whose endpoint is no longer configured."""
+        for key in list(self.pools):
+            if key not in keys:
+                self.pools.pop(key).retire()
+
+    def close_all(self) -> None:
+        for pool in self.pools.values():
+            pool.retire()

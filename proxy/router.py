@@ -1,0 +1,167 @@
+"""Pure routing: (compiled routes, request view, sticky hash or random) -> route and upstream.
+
+Nothing here touches sockets or clocks; `proxy.compile` builds the matchers and bucket tables once
+per snapshot, and the data plane calls :func:`select` once per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections.abc import Callable
+from typing import Generic, TypeVar
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+BUCKETS = 10_000
+T = TypeVar("T")
+
+
+class RequestView:
+    """What routing may look at. `headers` holds only the names some route or sticky rule needs
+    (lower-cased); repeated headers are joined with ", " as Envoy does."""
+
+    __slots__ = ("_cookies", "_query", "headers", "method", "path", "query_string")
+
+    def __init__(self, method: bytes, path: bytes, query_string: bytes, headers: dict[bytes, bytes]) -> None:
+        self.method = method
+        self.path = path
+        self.query_string = query_string
+        self.headers = headers
+        self._cookies: dict[bytes, bytes] | None = None
+        self._query: dict[bytes, bytes] | None = None
+
+    def cookie(self, name: bytes) -> bytes | None:
+        """The first cookie called `name`, parsed lazily from the Cookie header."""
+        cookies = self._cookies
+        if cookies is None:
+            cookies = self._cookies = parse_cookies(self.headers.get(b"cookie", b""))
+        return cookies.get(name)
+
+    def query_param(self, name: bytes) -> bytes | None:
+        """The first query parameter called `name` (percent-decoded)."""
+        query = self._query
+        if query is None:
+            query = self._query = parse_query(self.query_string)
+        return query.get(name)
+
+
+def parse_cookies(header: bytes) -> dict[bytes, bytes]:
+    """Parse a Cookie header (`a=1; b=2`); the first occurrence of a name wins."""
+    out: dict[bytes, bytes] = {}
+    if not header:
+        return out
+    for part in header.split(b";"):
+        name, sep, value = part.partition(b"=")
+        if not sep:
+            continue
+        name = name.strip()
+        value = value.strip()
+        if len(value) >= 2 and value[:1] == b'"' and value[-1:] == b'"':
+            value = value[1:-1]
+        if name and name not in out:
+            out[name] = value
+    return out
+
+
+def parse_query(qs: bytes) -> dict[bytes, bytes]:
+    """Parse a query string; the first occurrence of a name wins."""
+    out: dict[bytes, bytes] = {}
+    if not qs:
+        return out
+    for name, value in parse_qsl(qs.decode("latin-1"), keep_blank_values=True):
+        key = unquote_to_bytes(name) if "%" in name else name.encode("latin-1")
+        out.setdefault(key, value.encode("latin-1", "replace"))
+    return out
+
+
+def sticky_bucket(key: bytes) -> int:
+    """Stable bucket in [0, 10000) for a stickiness key, the same in every process and release."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % BUCKETS
+
+
+Predicate = Callable[[RequestView], bool]
+
+
+class SplitTable(Generic[T]):
+    """Cumulative bucket layout of one split, in config order.
+
+    Entry i owns buckets [uppers[i-1], uppers[i]). Because the order never changes, raising one
+    entry's share only moves the boundary: users move towards the growing entry, never back.
+    """
+
+    __slots__ = ("targets", "uppers")
+
+    def __init__(self, weights: tuple[tuple[T, float], ...]) -> None:
+        uppers: list[int] = []
+        targets: list[T] = []
+        acc = 0.0
+        for target, weight in weights:
+            acc += weight
+            upper = min(BUCKETS, round(acc * BUCKETS / 100))
+            if uppers and upper <= uppers[-1]:
+                continue  # zero-width: nobody lands here
+            if not uppers and upper <= 0:
+                continue
+            uppers.append(upper)
+            targets.append(target)
+        if targets and uppers[-1] < BUCKETS:
+            uppers[-1] = BUCKETS  # float dust: the last live entry takes the remainder
+        self.uppers = tuple(uppers)
+        self.targets = tuple(targets)
+
+    def pick(self, bucket: int) -> T | None:
+        """The target owning `bucket`, or None if every weight is zero."""
+        i = bisect_right(self.uppers, bucket)
+        return self.targets[i] if i < len(self.targets) else None
+
+
+class RouteRule(Generic[T]):
+    """One compiled route: a predicate (None = matches all) and either a target or a split."""
+
+    __slots__ = ("index", "name", "predicate", "sticky_cookie", "sticky_header", "table", "target")
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        predicate: Predicate | None,
+        target: T | None,
+        table: SplitTable[T] | None,
+        sticky_header: bytes | None = None,
+        sticky_cookie: bytes | None = None,
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.predicate = predicate
+        self.target = target
+        self.table = table
+        self.sticky_header = sticky_header
+        self.sticky_cookie = sticky_cookie
+
+
+def select(
+    rules: tuple[RouteRule[T], ...], view: RequestView, rng: Callable[[], float]
+) -> tuple[RouteRule[T], T | None] | None:
+    """First rule whose predicate holds, and its upstream target.
+
+    `rng` (like random.random) supplies the bucket when a split has no sticky key on this request. Returns None when
+    no rule matches; the target is None when a split has no live entry.
+    """
+    for rule in rules:
+        pred = rule.predicate
+        if pred is not None and not pred(view):
+            continue
+        table = rule.table
+        if table is None:
+            return rule, rule.target
+        key: bytes | None = None
+        if rule.sticky_header is not None:
+            key = view.headers.get(rule.sticky_header)
+        elif rule.sticky_cookie is not None:
+            key = view.cookie(rule.sticky_cookie)
+        if key:
+            bucket = sticky_bucket(key)
+        else:
+            bucket = int(rng() * BUCKETS)
+        return rule, table.pick(bucket)
+    return None

@@ -1,0 +1,109 @@
+"""Process-wide request statistics, recorded on the hot path with plain integer adds.
+
+The data plane never touches prometheus-client objects: it bumps the counters here (children are
+resolved once, when a snapshot is compiled), and `proxy.metrics` turns them into Prometheus
+families at scrape time. The analysis windows live here too, one per upstream.
+
+Objects are kept across config reloads (keyed by route/upstream name), so counters stay monotonic.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+
+from proxy.analysis.window import UpstreamWindow
+
+ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
+KIND_CONNECT, KIND_TIMEOUT, KIND_RESET, KIND_PROTOCOL = range(4)
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class RouteCounts:
+    """`canary_proxy_requests_total{route, upstream, code_class}` for one (route, upstream)."""
+
+    __slots__ = ("by_class", "route", "upstream")
+
+    def __init__(self, route: str, upstream: str) -> None:
+        self.route = route
+        self.upstream = upstream
+        self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100; 0 unused
+
+
+class UpstreamStats:
+    """Everything recorded about one upstream (all its endpoints)."""
+
+    __slots__ = (
+        "buckets",
+        "consecutive_errors",
+        "duration_count",
+        "duration_counts",
+        "duration_sum",
+        "errors",
+        "name",
+        "on_trip",
+        "trip_at",
+        "window",
+    )
+
+    def __init__(self, name: str, buckets: tuple[float, ...], window_horizon: int) -> None:
+        self.name = name
+        self.buckets = buckets
+        self.duration_counts = [0] * (len(buckets) + 1)  # non-cumulative; last = +Inf
+        self.duration_sum = 0.0
+        self.duration_count = 0
+        self.errors = [0, 0, 0, 0]  # by ERROR_KINDS index
+        self.consecutive_errors = 0  # for fast_fail: reset by any non-error response
+        self.window = UpstreamWindow(window_horizon)
+        # fast_fail: when consecutive_errors reaches trip_at, on_trip() runs (set by the controller)
+        self.trip_at = 1 << 62
+        self.on_trip: Callable[[], None] | None = None
+
+    def observe(self, now: float, duration: float, is_error: bool) -> None:
+        """Record one finished exchange (a response, or a failure that produced a 5xx)."""
+        self.duration_counts[bisect_left(self.buckets, duration)] += 1
+        self.duration_sum += duration
+        self.duration_count += 1
+        if is_error:
+            self.consecutive_errors += 1
+            if self.consecutive_errors >= self.trip_at and self.on_trip is not None:
+                self.on_trip()
+        else:
+            self.consecutive_errors = 0
+        self.window.record(now, is_error, duration)
+
+
+class Stats:
+    """All statistics of this process. One instance lives for the process' lifetime."""
+
+    def __init__(self, window_horizon: int = 600) -> None:
+        self.window_horizon = window_horizon
+        self.in_flight = 0
+        self.route_counts: dict[tuple[str, str], RouteCounts] = {}
+        self.upstreams: dict[str, UpstreamStats] = {}
+        self.reloads = {"success": 0, "failure": 0}
+        self.rollbacks: dict[str, int] = {}
+        self.retries: dict[str, int] = {}  # by upstream the retry left
+        self.ejections: dict[str, int] = {}  # outlier ejections, by upstream
+        self.rejected = 0  # malformed client requests answered with 4xx
+
+    def route_counts_for(self, route: str, upstream: str) -> RouteCounts:
+        """The (route, upstream) counter, created on first use; bound once per snapshot."""
+        key = (route, upstream)
+        rc = self.route_counts.get(key)
+        if rc is None:
+            rc = self.route_counts[key] = RouteCounts(route, upstream)
+        return rc
+
+    def upstream(self, name: str, buckets: tuple[float, ...]) -> UpstreamStats:
+        """The stats of upstream `name`; a change of buckets starts a fresh histogram."""
+        us = self.upstreams.get(name)
+        if us is None or us.buckets != buckets:
+            old = us
+            us = self.upstreams[name] = UpstreamStats(name, buckets, self.window_horizon)
+            if old is not None:
+                us.errors = old.errors
+                us.window = old.window
+                us.trip_at = old.trip_at
+                us.on_trip = old.on_trip
+        return us

@@ -1,0 +1,163 @@
+"""The `/status` document: one JSON-ready dict describing config, upstreams, routes and rollout.
+
+The status page (`proxy/static/status.html`) and `canary-proxy status` both read this shape, so
+keys are only ever added, never renamed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from proxy import __version__
+from proxy.analysis.rollout import canary_weight
+from proxy.analysis.window import WindowStats
+from proxy.metrics import current_state
+
+if TYPE_CHECKING:
+    from proxy.app import ProxyApp
+    from proxy.config.model import Config, Route
+
+DEFAULT_WINDOW = 60.0  # seconds of traffic summarised per upstream without a rollout
+MAX_EVENTS = 50
+
+
+def build_status(app: ProxyApp) -> dict[str, Any]:
+    """Everything `/status` reports, read from the app at this instant."""
+    now = app.clock()
+    config = app.config
+    return {
+        "version": __version__,
+        "draining": app.draining,
+        "now": now,
+        "config": {
+            "hash": config.source_hash,
+            "path": config.source_path or None,
+            "loaded_at": app.loaded_at,
+            "last_error": app.last_error,
+            "last_error_at": app.last_error_at,
+        },
+        "upstreams": _upstreams(app, now),
+        "routes": _routes(app),
+        "rollout": rollout_status(app),
+        "events": _events(app),
+    }
+
+
+def rollout_status(app: ProxyApp) -> dict[str, Any] | None:
+    """The `rollout` part of the status (None without a rollout); also the body of POST /rollout/*."""
+    cfg = app.config.rollout
+    if cfg is None:
+        return None
+    state = current_state(app)
+    last = _last_verdict(app)
+    return {
+        "canary": cfg.canary,
+        "baseline": cfg.baseline,
+        "phase": state.phase if state is not None else None,
+        "step": state.step_index if state is not None else 0,  # 0-based index into `steps`
+        "steps": list(cfg.steps),
+        "canary_weight": canary_weight(state, cfg),
+        "canary_version": state.canary_version if state is not None else None,
+        "step_started_at": state.step_started_at if state is not None else None,
+        "reason": state.reason if state is not None else None,
+        "last_verdict": last,
+    }
+
+
+def _last_verdict(app: ProxyApp) -> dict[str, Any] | None:
+    """The latest analysis tick's verdict; else the one behind the last automatic transition."""
+    state = current_state(app)
+    recorded = state.last_verdict if state is not None else None
+    controller = app.controller
+    verdict = controller.last_verdict if controller is not None else None
+    if verdict is None:
+        if recorded is None:
+            return None
+        return {"result": recorded.kind, "reason": recorded.reason, "at": recorded.at}
+    at = getattr(controller, "last_verdict_at", None)  # not (yet) part of the controller's API
+    same = recorded is not None and (recorded.kind, recorded.reason) == (verdict.kind, verdict.reason)
+    if at is None and same and recorded is not None:
+        at = recorded.at
+    return {"result": verdict.kind, "reason": verdict.reason, "at": at, "figures": verdict.figures.as_dict()}
+
+
+def window_summary(stats: WindowStats) -> dict[str, Any]:
+    """Requests, error rate, rate and latency quantiles of one upstream's window."""
+    return {
+        "seconds": stats.window,
+        "requests": stats.requests,
+        "errors": stats.errors,
+        "error_rate": stats.error_rate,
+        "rps": stats.rps,
+        "p50": stats.quantile(0.50),
+        "p95": stats.quantile(0.95),
+        "p99": stats.quantile(0.99),
+    }
+
+
+def _upstreams(app: ProxyApp, now: float) -> dict[str, Any]:
+    config = app.config
+    window = config.rollout.window if config.rollout is not None else DEFAULT_WINDOW
+    plane = app.plane
+    pools = plane.pools.pools if plane is not None else {}
+    loop_now = plane.loop_time() if plane is not None else 0.0  # ejections are in loop time
+    out: dict[str, Any] = {}
+    for name, up in config.upstreams.items():
+        keys = [ep.key for ep in up.endpoints]
+        us = app.stats.upstreams.get(name)
+        stats = us.window.stats(now, window) if us is not None else WindowStats.empty(window)
+        out[name] = {
+            "version": up.version,
+            "endpoints": keys,
+            "ejected": [k for k in keys if k in pools and pools[k].ejected_until > loop_now],
+            "window": window_summary(stats),
+        }
+    return out
+
+
+def _routes(app: ProxyApp) -> list[dict[str, Any]]:
+    config = app.config
+    effective = {name: (to, split) for name, to, split in app.plane.snapshot.effective} if app.plane else {}
+    out: list[dict[str, Any]] = []
+    for route in config.routes:
+        eff_to, split = effective.get(route.name, (route.to, route.split))
+        weights: dict[str, float] | None = None
+        if split is not None:
+            weights = {}
+            for upstream, w in split:
+                weights[upstream] = weights.get(upstream, 0.0) + w
+        out.append(
+            {
+                "name": route.name,
+                "to": route.to,
+                "effective_to": eff_to,
+                "weights": weights,
+                "sticky": _sticky(route),
+            }
+        )
+    return out
+
+
+def _sticky(route: Route) -> str | None:
+    if route.sticky is None:
+        return None
+    if route.sticky.header:
+        return f"header:{route.sticky.header}"
+    return f"cookie:{route.sticky.cookie}"
+
+
+def _events(app: ProxyApp) -> list[dict[str, Any]]:
+    controller = app.controller
+    if controller is None:
+        return []
+    events = list(controller.events)[-MAX_EVENTS:]
+    return [{"at": e.at, "kind": e.kind, "message": e.message, "data": dict(e.data)} for e in events]
+
+
+def admin_url(config: Config) -> str:
+    """The admin base URL a local client should use for `config` (wildcard -> loopback)."""
+    host = config.admin.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.admin.port}"

@@ -1,0 +1,192 @@
+"""Shared fixtures: real upstream servers, the real proxy (in-process or as a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.app import ProxyApp
+from proxy.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Upstream:
+    """A real aiohttp server; `seen` records every request it received (method, path, headers)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = 0
+        self.seen: list[dict[str, Any]] = []
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def upstream_factory() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    """Start aiohttp upstreams. Default handler echoes `<name> <method> <path_qs>`;
+    pass `handler=` for custom behaviour (it receives the aiohttp request)."""
+    started: list[Upstream] = []
+
+    async def start(name: str = "stable", handler: Handler | None = None, port: int = 0) -> Upstream:
+        up = Upstream(name)
+
+        async def default(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            return web.Response(
+                text=f"{name} {request.method} {request.path_qs} {len(body)}\n", headers={"X-Upstream": name}
+            )
+
+        async def recording(request: web.Request) -> web.StreamResponse:
+            up.seen.append({"method": request.method, "path": request.raw_path, "headers": request.headers})
+            return await (handler or default)(request)
+
+        app = web.Application(client_max_size=2**40)
+        app.router.add_route("*", "/{tail:.*}", recording)
+        up.runner = web.AppRunner(app, access_log=None)
+        await up.runner.setup()
+        site = web.TCPSite(up.runner, "127.0.0.1", port)
+        await site.start()
+        up.port = up.runner.addresses[0][1]
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        if up.runner is not None:
+            await up.runner.cleanup()
+
+
+def config_text(stable: str, canary: str, extra: str = "", routes: str | None = None) -> str:
+    """A config for tests: listen/admin on ephemeral ports, the two upstreams, given routes."""
+    routes = routes or (
+        "  - name: beta\n    match: {headers: {x-canary: {exact: always}}}\n    to: canary\n"
+        "  - name: default\n    split: {stable: 100, canary: 0}\n"
+    )
+    return (
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\naccess_log: false\n"
+        f"upstreams:\n  stable: {{endpoints: [{stable}], version: v1}}\n"
+        f"  canary: {{endpoints: [{canary}], version: v2}}\n"
+        f"routes:\n{routes}{extra}"
+    )
+
+
+@pytest.fixture
+async def proxy_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyApp]]]:
+    """Start the real proxy in this process from YAML text; `app.plane.bound_port` is its port."""
+    apps: list[ProxyApp] = []
+
+    async def start(text: str, watch: bool = False, name: str = "canary.yaml") -> ProxyApp:
+        path = tmp_path / name
+        path.write_text(text)
+        app = ProxyApp(load_config(str(path)), watch=watch)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+async def raw_request(port: int, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
+    """Send raw bytes to 127.0.0.1:port; return everything read until the peer closes (or timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), deadline - time.monotonic())
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_until_close and b"\r\n\r\n" in b"".join(chunks):
+                break
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+class ProxyProcess:
+    def __init__(self, proc: subprocess.Popen[str], port: int, admin_port: int, config: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.admin_port = admin_port
+        self.config = config
+        self.lines: list[str] = []
+
+
+def _drain(pp: ProxyProcess) -> None:
+    # Keep reading so a chatty process never blocks on a full pipe.
+    assert pp.proc.stdout is not None
+    for line in pp.proc.stdout:
+        pp.lines.append(line)
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Run `python -m proxy run -c FILE` as a real process; waits until it is listening."""
+    procs: list[ProxyProcess] = []
+
+    def start(text: str, name: str = "canary.yaml", args: tuple[str, ...] = (), timeout: float = 15.0) -> ProxyProcess:
+        port, admin = free_port(), free_port()
+        text = text.replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
+        text = text.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}")
+        path = tmp_path / name
+        path.write_text(text)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(path), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        pp = ProxyProcess(proc, port, admin, path)
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            pp.lines.append(line)
+            if re.search(r"listening on", line):
+                procs.append(pp)
+                threading.Thread(target=_drain, args=(pp,), daemon=True).start()
+                return pp
+        proc.kill()
+        raise AssertionError("proxy did not start:\n" + "".join(pp.lines))
+
+    yield start
+    for pp in procs:
+        if pp.proc.poll() is None:
+            pp.proc.kill()
+        pp.proc.wait(timeout=10)
