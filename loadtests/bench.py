@@ -136,12 +136,20 @@ class Bench:
         self.runs, self.supports_workers = proxy_support(opts.python)
         self.ours_cmd: list[str] = []
         self.nofile = raise_nofile(65536)
+        self.procs: list[Proc] = []
 
     def start(self, name: str, cmd: list[str], port: int, cpus: str | None) -> Proc:
         proc = Proc(name, pinned(cmd, cpus), self.work, env={**os.environ, "PYTHONPATH": str(REPO)})
         self.stack.callback(proc.stop)
+        self.procs.append(proc)
         wait_port(port, proc)
         return proc
+
+    def check_alive(self) -> None:
+        """A process that died mid-run would turn the next numbers into connection errors."""
+        for proc in self.procs:
+            if not proc.alive():
+                raise BenchError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
 
     def start_nginx(self, name: str, port: int, workers: int) -> Proc:
         prefix = self.work / name
@@ -191,16 +199,17 @@ class Bench:
     @contextlib.contextmanager
     def spawn_ours(self, workers: int) -> Iterator[scenarios.Target]:
         """An extra, unpinned canary-proxy with ``workers`` workers, for the scaling line."""
+        port, admin = self.ports.scaling(workers)
         config = self.work / f"scaling-{workers}.yaml"
-        config.write_text(proxy_config(self.ports.scaling, self.ports.scaling_admin, self.ports))
+        config.write_text(proxy_config(port, admin, self.ports))
         cmd = [self.opts.python, "-m", "proxy", "run", "-c", str(config), "--workers", str(workers)]
         with contextlib.ExitStack() as own:
             proc = Proc(
                 f"canary-proxy-w{workers}", cmd, self.work, env={**os.environ, "PYTHONPATH": str(REPO)}
             )
             own.callback(proc.stop)
-            wait_port(self.ports.scaling, proc)
-            yield scenarios.Target(report.OURS, f"canary-proxy x{workers}", self.ports.scaling, proc.pid)
+            wait_port(port, proc)
+            yield scenarios.Target(report.OURS, f"canary-proxy x{workers}", port, proc.pid)
 
     def metrics_line(self) -> str:
         if self.opts.self_test:
@@ -265,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             for number in opts.scenarios:
                 t0 = time.monotonic()
                 result = scenarios.SCENARIOS[number](ctx)
+                bench.check_alive()
                 if result is None:
                     print(f"[{number}] skipped: canary-proxy does not accept `run --workers`\n", flush=True)
                     continue

@@ -41,16 +41,12 @@ class Ports:
         return self.base + 81
 
     @property
-    def scaling(self) -> int:
-        return self.base + 82
-
-    @property
     def admin(self) -> int:
         return self.base + 901
 
-    @property
-    def scaling_admin(self) -> int:
-        return self.base + 902
+    def scaling(self, workers: int) -> tuple[int, int]:
+        """(listen, admin) of the extra canary-proxy started with ``workers`` workers."""
+        return self.base + 90 + workers, self.base + 910 + workers
 
     def all(self) -> list[int]:
         return [
@@ -59,9 +55,9 @@ class Ports:
             self.sink,
             self.ours,
             self.nginx,
-            self.scaling,
             self.admin,
-            self.scaling_admin,
+            *self.scaling(1),
+            *self.scaling(2),
         ]
 
 

@@ -32,7 +32,7 @@ ALERTS = ROOT / "config" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "config" / "grafana" / "canary-proxy-dashboard.json"
 UNIT = ROOT / "config" / "systemd" / "canary-proxy.service"
 STATUS_HTML = ROOT / "proxy" / "static" / "status.html"
-DOCS = ROOT / "docs" / "deployment.md"
+DOCS = ROOT / "README.md"
 
 IMAGE_CONFIG = "/etc/canary-proxy/canary.yaml"
 RUN_ARGV = ["canary-proxy", "run", "-c", IMAGE_CONFIG]
@@ -397,7 +397,11 @@ tests:
           canary_proxy_requests_total{job="canary-proxy",instance="p",upstream="stable",code_class="5xx"}
         values: '0+10x30'
       - series: 'canary_proxy_rollout_step{job="canary-proxy",instance="p",upstream="canary"}'
-        values: '1x30'
+        values: '0x30'
+      - series: 'canary_proxy_upstream_weight{job="canary-proxy",instance="p",route="default",upstream="canary"}'
+        values: '5x30'
+      - series: 'canary_proxy_upstream_weight{job="canary-proxy",instance="p",route="default",upstream="stable"}'
+        values: '95x30'
       - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",phase="paused"}'
         values: '1x200'
     alert_rule_test:

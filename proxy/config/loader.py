@@ -93,7 +93,7 @@ def _hash(data: bytes) -> str:
 def _parse(text: str, source: str, env: Mapping[str, str] | None) -> Config:
     errors = Errors()
     node = compose(text, errors)
-    if node is None:
+    if node is None or root_value(node).is_null:
         raise ConfigError(errors.messages() or ["config is empty"], source)
     cfg = _Parser(Reader(errors), os.environ if env is None else env).config(root_value(node))
     if errors or cfg is None:
@@ -114,8 +114,8 @@ class _Parser:
         top = r.mapping(root, TOP_KEYS, required=("listen", "upstreams", "routes"), extensions=True)
         if top is None:
             return None
-        listen = r.convert(top["listen"], parse_address) if "listen" in top else None
-        admin = r.convert(top["admin"], parse_address) if "admin" in top else DEFAULT_ADMIN
+        listen = self.address(top["listen"]) if "listen" in top else None
+        admin = self.address(top["admin"]) if "admin" in top else DEFAULT_ADMIN
         if listen and admin and same_socket(listen, admin):
             r.error(top.get("admin", top["listen"]), f"must differ from listen ({listen})")
         upstreams = self.upstreams(top["upstreams"]) if "upstreams" in top else {}
@@ -142,6 +142,9 @@ class _Parser:
         """`read(v)` when the key is present and valid, else `default`."""
         got = read(v) if v is not None else None
         return default if got is None else got
+
+    def address(self, v: Value) -> Address | None:
+        return self.r.convert(v, parse_address, expected='"host:port"')
 
     # -- upstreams ------------------------------------------------------------------------------
 
@@ -234,12 +237,12 @@ class _Parser:
 
     def match(self, v: Value) -> Match | None:
         r = self.r
+        before = len(r.errors)
         m = r.mapping(v, MATCH_KEYS) if not v.is_null else None
         if m is None:
             if v.is_null:
                 r.error(v, _EMPTY_MATCH)
             return None
-        before = len(r.errors)
         prefix = r.string(m["path_prefix"]) if "path_prefix" in m else None
         if prefix is not None and not prefix.startswith("/"):
             r.error(m["path_prefix"], f'must start with "/", got "{prefix}"')
@@ -282,8 +285,9 @@ class _Parser:
         if isinstance(v.node, ScalarNode):
             text = r.text(v)
             return StringMatch("exact", text) if text is not None else None
+        before = len(r.errors)
         m = r.mapping(v, (*MATCH_KINDS, "invert"))
-        if m is None:
+        if m is None or len(r.errors) > before:  # e.g. a misspelt kind: that error says it all
             return None
         kinds = [k for k in MATCH_KINDS if k in m]
         if len(kinds) != 1:

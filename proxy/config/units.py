@@ -171,7 +171,7 @@ def parse_webhook(url: str) -> str:
 
 
 def parse_status(text: str) -> str:
-    """"5xx" / "5XX" / "503" / 503 -> the normalised string ("5xx", "503")."""
+    """Normalise a status class or code: "5XX" -> "5xx", "503" -> "503"."""
     status = text.strip().lower()
     if not _STATUS.fullmatch(status):
         raise ValueError(f'invalid status "{text}" (use a class like "5xx" or a code like 503)')

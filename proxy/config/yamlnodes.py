@@ -297,16 +297,20 @@ class Reader:
         if v.is_null or not isinstance(v.node, ScalarNode):
             self.error(v, f"expected a string, got {self._describe(v)}")
             return None
+        if self.scalar(v, "a string") is None:  # still refuse unknown tags like `!thing x`
+            return None
         return str(v.node.value)
 
-    def convert(self, v: Value, fn: Callable[[Any], T], *, raw: bool = False) -> T | None:
+    def convert(
+        self, v: Value, fn: Callable[[Any], T], *, raw: bool = False, expected: str = "a string"
+    ) -> T | None:
         """`fn(value)`, recording its ValueError message. `raw` passes the scalar's source text."""
         if raw:
             value: object = self.text(v)
             if value is None:
                 return None
         else:
-            box = self.scalar(v, "a string")
+            box = self.scalar(v, expected)
             if box is None:
                 return None
             value = box[0]
@@ -387,5 +391,3 @@ class Reader:
             parts.append(f"{'<' if hi_open else '<='} {fmt_number(hi)}")
         self.error(v, f"must be {' and '.join(parts)}, got {v.raw}")
         return False
-
-
