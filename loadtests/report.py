@@ -153,7 +153,12 @@ def summary(results: list[ScenarioResult]) -> list[str]:
 
 
 def write_results(
-    path: Path, machine: dict[str, str], setup: list[str], results: list[ScenarioResult], command: str
+    path: Path,
+    machine: dict[str, str],
+    setup: list[str],
+    results: list[ScenarioResult],
+    command: str,
+    failures: list[str],
 ) -> None:
     """Overwrite RESULTS.md with this run: machine, setup, one table per scenario, the checks."""
     parts = [
@@ -175,7 +180,7 @@ def write_results(
         "## Targets",
         "",
         "```",
-        *(summary(results) or ["(no checked scenario ran)"]),
+        *(summary(results) + failures or ["(no checked scenario ran)"]),
         "```",
         "",
         "## Scenarios",

@@ -22,6 +22,7 @@ from proxy.config import Config, ConfigError, load_config
 from proxy.dataplane import DataPlane
 from proxy.reload import ConfigWatcher
 from proxy.stats import Stats
+from proxy.workers import FollowerSync, LeaderSync, WorkerRole, merged_stats
 
 log = logging.getLogger("canary_proxy")
 
@@ -29,8 +30,16 @@ log = logging.getLogger("canary_proxy")
 class ProxyApp:
     """One proxy process. Start with :meth:`start`, stop with :meth:`stop` (or signals)."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time, watch: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        watch: bool = True,
+        role: WorkerRole | None = None,
+    ) -> None:
         self.config = config
+        self.role = role  # None: a single process; else a worker of `run --workers N`
         self.clock = clock
         self.watch = watch
         horizon = int(max(600.0, (config.rollout.window * 2) if config.rollout else 0.0))
@@ -47,25 +56,42 @@ class ProxyApp:
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[tuple[bool, str]]] = set()
         self._controller_task: asyncio.Task[None] | None = None
+        self.leader_sync: LeaderSync | None = None
+        self.follower_sync: FollowerSync | None = None
+        self.remote_state: RolloutState | None = None  # followers: the leader's rollout state
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, listen_sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         """Compile the config, open both listeners, start the background loops."""
         loop = asyncio.get_running_loop()
-        self.controller = RolloutController(
-            config=self.config, stats=self.stats, clock=self.clock, on_change=self._rollout_changed
-        )
-        await self.controller.start()
+        role = self.role
+        follower = role is not None and not role.leader
+        if not follower:
+            self.controller = RolloutController(
+                config=self.config, stats=self.stats, clock=self.clock, on_change=self._rollout_changed
+            )
+            await self.controller.start()
         self.plane = DataPlane(self.stats, loop)
-        self.plane.swap(self._compile(self.config, self.controller.state))
+        self.plane.swap(self._compile(self.config, self._state()))
         if self.config.access_log.enabled:
             self.plane.access_log = AccessLogger(_open_log(self.config.access_log.path))
             self.plane.access_log.start()
+        reuse_port = reuse_port or role is not None
         await self.plane.start(self.config.listen.host, self.config.listen.port, reuse_port, listen_sock)
-        self._controller_task = loop.create_task(self.controller.run())
-        self.admin = AdminServer(self)
-        await self.admin.start(self.config.admin.host, self.config.admin.port)
+        if role is not None and role.leader:
+            self.leader_sync = LeaderSync(self, role.control)
+            await self.leader_sync.start()
+        if follower:
+            assert role is not None
+            self.follower_sync = FollowerSync(self, role)
+            self._arm_follower_fast_fail()
+            self.follower_sync.start()
+        else:
+            assert self.controller is not None
+            self._controller_task = loop.create_task(self.controller.run())
+            self.admin = AdminServer(self)
+            await self.admin.start(self.config.admin.host, self.config.admin.port)
         if self.watch and self.config.source_path:
             self.watcher = ConfigWatcher(self.config.source_path, self.reload)
             self.watcher.start()
@@ -79,66 +105,136 @@ class ProxyApp:
             self.config.source_hash,
         )
 
+    def _state(self) -> RolloutState | None:
+        if self.controller is not None:
+            return self.controller.state
+        return self.remote_state
+
+    def _arm_follower_fast_fail(self) -> None:
+        """In a follower, fast-fail trips by asking the leader at once (it owns the decision)."""
+        rollout = self.config.rollout
+        if rollout is None or not rollout.fast_fail.consecutive_errors or self.follower_sync is None:
+            return
+        sync = self.follower_sync
+        us = self.stats.upstream(rollout.canary, self.config.metrics.buckets)
+        us.trip_at = rollout.fast_fail.consecutive_errors
+        us.on_trip = lambda: sync.request_trip(f"{us.consecutive_errors} consecutive errors from {us.name}")
+
+    def apply_remote_state(self, state: RolloutState | None) -> None:
+        """Followers: adopt the leader's rollout state (swap only when it changed)."""
+        if state == self.remote_state:
+            return
+        self.remote_state = state
+        self._rollout_changed(state)
+
+    def metrics_stats(self) -> Stats:
+        """The counters /metrics shows: this process', plus every worker's in a leader."""
+        if self.leader_sync is None:
+            return self.stats
+        return merged_stats(self.stats, self.leader_sync.peer_counters())
+
     def _compile(self, config: Config, state: RolloutState | None) -> Snapshot:
         assert self.plane is not None
         return compile_snapshot(config, self.stats, self.plane.pools, state, self.loaded_at)
 
-    def _rollout_changed(self, state: RolloutState) -> None:
+    def _rollout_changed(self, state: RolloutState | None) -> None:
         """The controller moved a step or tripped: rebuild the weights, swap one reference."""
         if self.plane is not None:
             self.plane.swap(self._compile(self.config, state))
 
     async def reload(self, reason: str = "file") -> tuple[bool, str]:
-        """Load, validate and compile the config file; swap it in only if all of that succeeded."""
+        """Load, validate and compile the config file; swap it in only if all of that succeeded.
+
+        Returns (ok, message): the new hash or "unchanged", else every error with its key path.
+        Nothing changes before the new snapshot is compiled; then one reference is swapped, so
+        requests in flight finish on the snapshot they started with.
+        """
+        from dataclasses import replace
+
+        from proxy.analysis.rollout import reconcile
+
         async with self._reload_lock:
-            path = self.config.source_path
+            old = self.config
+            path = old.source_path
+            if not path:
+                return False, "the config was not loaded from a file"
             try:
                 new = load_config(path)
-                if (new.listen, new.admin) != (self.config.listen, self.config.admin):
+                if new.source_hash == old.source_hash and reason == "file":
+                    # An editor touched the file, or a bad edit was reverted: nothing to swap.
+                    if self.last_error is not None:
+                        log.info("config file is valid again (hash %s); error cleared", new.source_hash)
+                    self.last_error = self.last_error_at = None
+                    return True, "unchanged"
+                if (new.listen, new.admin) != (old.listen, old.admin):
                     log.warning("listen/admin address changes need a restart; keeping the old listeners")
-                state = self.controller.reconfigure(new) if self.controller is not None else None
+                    new = replace(new, listen=old.listen, admin=old.admin)
+                # Compile against the state the controller *would* adopt, without touching it.
+                tentative: RolloutState | None = None
+                if self.controller is None:
+                    tentative = self._state()  # a follower: the leader re-sends it if it changes
+                elif new.rollout is not None:
+                    canary = new.upstreams.get(new.rollout.canary)
+                    version = canary.version if canary is not None else None
+                    tentative = reconcile(self.controller.state, new.rollout, version, self.clock())
                 assert self.plane is not None
-                snapshot = compile_snapshot(new, self.stats, self.plane.pools, state)
-            except ConfigError as exc:
+                loaded_at = self.clock()
+                snapshot = compile_snapshot(new, self.stats, self.plane.pools, tentative, loaded_at)
+            except Exception as exc:
+                if isinstance(exc, ConfigError):
+                    message = "; ".join(exc.errors)
+                else:  # a bug, not a bad file: still never worth taking the proxy down
+                    log.exception("config reload (%s) crashed", reason)
+                    message = f"internal error while loading the config: {exc!r}"
                 self.stats.reloads["failure"] += 1
-                self.last_error = "; ".join(exc.errors)
+                self.last_error = message
                 self.last_error_at = self.clock()
-                log.error("config reload (%s) refused, old config keeps serving: %s", reason, self.last_error)
+                log.error("config reload (%s) refused, old config keeps serving: %s", reason, message)
                 if self.controller is not None:
-                    self.controller.record_event("reload_failed", self.last_error, {})
-                return False, self.last_error
-            if new.source_hash == self.config.source_hash and reason == "file":
-                self.last_error = self.last_error_at = None
-                return True, "unchanged"
+                    self.controller.record_event("reload_failed", message, {"reason": reason})
+                return False, message
+            # Commit. No await from here on: nothing can observe a half-applied reload.
+            if self.controller is not None:
+                state = self.controller.reconfigure(new)
+                if state != tentative:  # e.g. a rollout added by this reload found a state file
+                    snapshot = compile_snapshot(new, self.stats, self.plane.pools, state, loaded_at)
             self.config = new
-            self.loaded_at = snapshot.loaded_at
-            self.last_error = None
-            self.last_error_at = None
-            assert self.plane is not None
-            self.plane.swap(snapshot)
+            self.loaded_at = loaded_at
+            self.last_error = self.last_error_at = None
+            self.plane.swap(snapshot)  # also retires the pools of removed endpoints
             self.stats.reloads["success"] += 1
             log.info("config reloaded (%s): hash %s", reason, new.source_hash)
             if self.controller is not None:
-                self.controller.record_event("reload", f"config {new.source_hash} loaded ({reason})", {})
+                self.controller.record_event(
+                    "reload", f"config {new.source_hash} loaded ({reason})", {"hash": new.source_hash}
+                )
             return True, new.source_hash
 
     def install_signals(self) -> None:
         """SIGTERM/SIGINT drain (a second one exits at once); SIGHUP reloads."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal)
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
 
-    def _on_stop_signal(self) -> None:
+    def _on_stop_signal(self, signum: int = signal.SIGTERM) -> None:
         self._signals += 1
         if self._signals > 1:
-            log.warning("second stop signal: exiting now")
-            raise SystemExit(1)
+            import os
+
+            # At once means at once: no draining, no task cancellation, no thread joins.
+            log.warning("second stop signal (%s): exiting now", signal.Signals(signum).name)
+            for handler in logging.getLogger().handlers:
+                with contextlib.suppress(Exception):
+                    handler.flush()
+            os._exit(1)
+        log.info("%s received: draining", signal.Signals(signum).name)
         self.stopping.set()
 
     def _on_hup(self) -> None:
+        log.info("SIGHUP received: reloading the config")
         if self.watcher is not None:
-            self.watcher.request("SIGHUP")
+            self.watcher.request("SIGHUP")  # debounced together with the file events
         else:
             task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
             self._tasks.add(task)
@@ -149,12 +245,19 @@ class ProxyApp:
         return self.plane is not None and self.plane.draining
 
     async def stop(self) -> bool:
-        """Drain in-flight work within `shutdown_grace`, then close everything."""
+        """Drain in-flight work within `shutdown_grace`, then close everything.
+
+        Returns True when every client connection finished on its own (nothing was cut).
+        """
         clean = True
+        if self.watcher is not None:
+            # No config changes while draining (and the watch thread must not outlive the loop).
+            await self.watcher.stop()
+            self.watcher = None
+        for task in list(self._tasks):
+            task.cancel()
         if self.plane is not None:
             clean = await self.plane.drain(self.config.shutdown_grace)
-        if self.watcher is not None:
-            await self.watcher.stop()
         if self._controller_task is not None:
             self._controller_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -164,17 +267,20 @@ class ProxyApp:
             await self.controller.stop()
         if self.admin is not None:
             await self.admin.stop()
+            self.admin = None
         if self.plane is not None:
             if self.plane.access_log is not None:
                 await self.plane.access_log.close()
+                self.plane.access_log = None
             await self.plane.close()
         return clean
 
     async def run_forever(self) -> int:
-        """Run until SIGTERM/SIGINT; returns the exit code."""
+        """Run until SIGTERM/SIGINT, then drain; returns the exit code (0 after a drain, even one
+        the grace period cut short: the stop was asked for and done)."""
         self.install_signals()
         await self.stopping.wait()
-        log.info("stop signal: draining (grace %.0fs)", self.config.shutdown_grace)
+        log.info("stop signal: draining (grace %gs)", self.config.shutdown_grace)
         clean = await self.stop()
         log.info("stopped%s", "" if clean else " (grace period over: some connections were cut)")
         return 0

@@ -40,16 +40,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
         return 1
-    if args.workers > 1:
-        from proxy.workers import run_workers
+    from proxy.workers import WorkerRole, run_workers
 
-        return run_workers(args.config, args.workers)
+    role = None
+    if args.worker_index is not None:
+        role = WorkerRole(args.worker_index, args.workers, args.control)
+    elif args.workers > 1:
+        return run_workers(args.config, args.workers, args.log_level)
     from proxy.app import ProxyApp
 
     install_uvloop()
 
     async def main() -> int:
-        app = ProxyApp(config)
+        app = ProxyApp(config, role=role)
         try:
             await app.start()
         except OSError as exc:
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
     run.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--control", default="", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a config file, like nginx -t")

@@ -7,6 +7,7 @@ one snapshot reference that reloads and rollout decisions swap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import logging
@@ -56,10 +57,14 @@ class DataPlane(DataPlaneLike):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> None:
         """Listen and start the deadline sweeper."""
         if sock is not None:
-            self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=4096)
+            self.server = await self.loop.create_server(
+                lambda: ClientConnection(self), sock=sock, backlog=4096
+            )
         else:
             self.server = await self.loop.create_server(
                 lambda: ClientConnection(self), host, port, reuse_port=reuse_port or None, backlog=4096
@@ -99,10 +104,8 @@ class DataPlane(DataPlaneLike):
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-            except asyncio.CancelledError:
-                pass
             self._sweeper = None
         if self.server is not None:
             self.server.close()
@@ -135,13 +138,16 @@ class DataPlane(DataPlaneLike):
         upgrade = b""
         tokens = req.conn_tokens
         if tokens:
-            drop = {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade") and t not in H.PROTECTED}
+            drop = {t for t in tokens if t not in H.CONNECTION_OPTIONS and t not in H.PROTECTED}
             if drop:
                 lines = [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in drop]
             if req.upgrade is not None and b"upgrade" in tokens:
                 upgrade = b"Connection: upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"
         if not upgrade:
             req.upgrade = None
+        if req.host is None and req.binding is not None and req.binding.upstream.balancer.pools:
+            # HTTP/1.0 without Host: we speak HTTP/1.1 upstream, where Host is mandatory.
+            lines = [b"Host: %s\r\n" % req.binding.upstream.balancer.pools[0].endpoint.key.encode(), *lines]
         peer = client.peer
         trusted = bool(snap.trusted) and self._trusted(peer, snap)
         xff = peer if req.xff is None else req.xff + b", " + peer
@@ -155,7 +161,10 @@ class DataPlane(DataPlaneLike):
             framing = b"Content-Length: %d\r\n" % req.clen
         else:
             framing = b""
-        return b"%s %s HTTP/1.1\r\n%s%s%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n%s%sX-Request-Id: %s\r\n\r\n" % (
+        return (
+            b"%s %s HTTP/1.1\r\n%s%s%s"
+            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n%s%sX-Request-Id: %s\r\n\r\n"
+        ) % (
             req.method,
             req.target,
             b"".join(lines),
@@ -229,7 +238,9 @@ class DataPlane(DataPlaneLike):
         if pool is not None and pool.record_failure(req.snapshot.config.outlier_detection, now):
             name = binding.upstream.name
             self.stats.ejections[name] = self.stats.ejections.get(name, 0) + 1
-            log.warning("endpoint %s of %s ejected for %.0fs", pool.endpoint.key, name, pool.ejected_until - now)
+            log.warning(
+                "endpoint %s of %s ejected for %.0fs", pool.endpoint.key, name, pool.ejected_until - now
+            )
 
     def retry(self, req: Request, client: ClientConnection, kind: int) -> bool:
         """Try another endpoint (or, for the canary, the baseline) if that is safe and in budget."""
@@ -237,8 +248,10 @@ class DataPlane(DataPlaneLike):
             return False
         snap = req.snapshot
         cfg = snap.config.retries
-        if req.attempts > cfg.attempts or req.attempts and kind != KIND_CONNECT and req.method not in H.IDEMPOTENT:
+        if req.attempts > cfg.attempts:
             return False
+        if req.attempts and kind != KIND_CONNECT and req.method not in H.IDEMPOTENT:
+            return False  # the request may have reached the application
         budget = max(cfg.min_concurrent, self.stats.in_flight * cfg.budget_percent / 100)
         if self.retrying >= budget:
             return False

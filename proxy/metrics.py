@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import (
 
 from proxy import __version__
 from proxy.analysis.rollout import RolloutState
-from proxy.stats import CODE_CLASSES, ERROR_KINDS, UpstreamStats
+from proxy.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
 
 if TYPE_CHECKING:
     from proxy.app import ProxyApp
@@ -51,9 +51,9 @@ class ProxyCollector:
     def collect(self) -> Iterator[Metric]:
         """Build every canary_proxy_* family from the current counters."""
         app = self.app
-        stats = app.stats
+        stats = app.metrics_stats()  # with --workers, the leader adds up every worker
         yield _build_info()
-        yield _requests(app)
+        yield _requests(stats)
         yield _durations(stats.upstreams)
         yield _errors(stats.upstreams)
         yield _weights(app)
@@ -111,13 +111,13 @@ def _build_info() -> GaugeMetricFamily:
     return info
 
 
-def _requests(app: ProxyApp) -> CounterMetricFamily:
+def _requests(stats: Stats) -> CounterMetricFamily:
     family = CounterMetricFamily(
         "canary_proxy_requests",
         'Responses sent, by route, upstream and status class; route="(none)" when no route matched.',
         labels=["route", "upstream", "code_class"],
     )
-    for (route, upstream), rc in sorted(app.stats.route_counts.items()):
+    for (route, upstream), rc in sorted(stats.route_counts.items()):
         unmatched = not route and not upstream
         if unmatched and not any(rc.by_class):
             continue

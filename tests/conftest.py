@@ -190,3 +190,183 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         if pp.proc.poll() is None:
             pp.proc.kill()
         pp.proc.wait(timeout=10)
+
+
+# -- raw HTTP/1.1 helpers for the data plane tests (tests/test_http_*.py) ------------------------
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawUpstream:
+    """A plain asyncio TCP server: `handler(reader, writer)` runs once per accepted connection."""
+
+    def __init__(self, handler: RawHandler) -> None:
+        self.handler = handler
+        self.port = 0
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawUpstream]]]:
+    """Start raw asyncio upstream servers that speak whatever bytes the test writes."""
+    servers: list[RawUpstream] = []
+
+    async def start(handler: RawHandler) -> RawUpstream:
+        up = RawUpstream(handler)
+        up.server = await asyncio.start_server(up._serve, "127.0.0.1", 0)
+        up.port = up.server.sockets[0].getsockname()[1]
+        servers.append(up)
+        return up
+
+    yield start
+    for up in servers:
+        assert up.server is not None
+        up.server.close()
+        # Handlers may still sit on open connections; closing the listener is enough for cleanup.
+
+
+class RawMessage:
+    """A parsed request or response: first line, header list (order kept), body, raw bytes."""
+
+    def __init__(self, start: bytes, headers: list[tuple[bytes, bytes]], body: bytes, raw: bytes) -> None:
+        self.start = start
+        self.headers = headers
+        self.body = body
+        self.raw = raw
+
+    @property
+    def status(self) -> int:
+        return int(self.start.split(b" ", 2)[1])
+
+    def get(self, name: str) -> list[bytes]:
+        """Every value of header `name` (case-insensitive), in order."""
+        key = name.lower().encode()
+        return [v for n, v in self.headers if n.lower() == key]
+
+    def one(self, name: str) -> bytes | None:
+        values = self.get(name)
+        assert len(values) <= 1, f"{name} repeated: {values}"
+        return values[0] if values else None
+
+    def names(self) -> list[bytes]:
+        return [n.lower() for n, _ in self.headers]
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    """Read one message head; returns (start line, headers, raw head bytes)."""
+    raw = await reader.readuntil(b"\r\n\r\n")
+    lines = raw[:-4].split(b"\r\n")
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name, value.strip()))
+    return lines[0], headers, raw
+
+
+async def read_body(
+    reader: asyncio.StreamReader, headers: list[tuple[bytes, bytes]], until_close: bool
+) -> tuple[bytes, bytes]:
+    """Read a body framed by the headers; returns (decoded body, raw bytes on the wire)."""
+    te = [v.lower() for n, v in headers if n.lower() == b"transfer-encoding"]
+    cl = [v for n, v in headers if n.lower() == b"content-length"]
+    if te:
+        assert te == [b"chunked"], te
+        body, raw = bytearray(), bytearray()
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            raw += size_line
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                while True:  # trailers, then the empty line
+                    line = await reader.readuntil(b"\r\n")
+                    raw += line
+                    if line == b"\r\n":
+                        return bytes(body), bytes(raw)
+            chunk = await reader.readexactly(size + 2)
+            assert chunk[-2:] == b"\r\n", chunk[-10:]
+            raw += chunk
+            body += chunk[:-2]
+    if cl:
+        data = await reader.readexactly(int(cl[0]))
+        return data, data
+    if until_close:
+        data = await reader.read()
+        return data, data
+    return b"", b""
+
+
+async def read_request(reader: asyncio.StreamReader) -> RawMessage:
+    """Read one request (head and body) from a raw upstream connection."""
+    start, headers, raw = await read_head(reader)
+    body, raw_body = await read_body(reader, headers, until_close=False)
+    return RawMessage(start, headers, body, raw + raw_body)
+
+
+async def read_response(reader: asyncio.StreamReader, method: bytes = b"GET") -> RawMessage:
+    """Read one response from the proxy (1xx included: the caller reads again for the final one)."""
+    start, headers, raw = await read_head(reader)
+    status = int(start.split(b" ", 2)[1])
+    if method == b"HEAD" or status < 200 or status in (204, 304):
+        return RawMessage(start, headers, b"", raw)
+    body, raw_body = await read_body(reader, headers, until_close=True)
+    return RawMessage(start, headers, body, raw + raw_body)
+
+
+class RawClient:
+    """One raw TCP connection to the proxy."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, method: bytes = b"GET", timeout: float = 5.0) -> RawMessage:
+        return await asyncio.wait_for(read_response(self.reader, method), timeout)
+
+    async def request(self, data: bytes, method: bytes = b"GET", timeout: float = 5.0) -> RawMessage:
+        await self.send(data)
+        return await self.response(method, timeout)
+
+    async def at_eof(self, timeout: float = 5.0) -> bytes:
+        """Everything until the proxy closes the connection (fails on timeout)."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def raw_client() -> AsyncIterator[Callable[[int], Awaitable[RawClient]]]:
+    """Open raw client connections to a port; all are closed at teardown."""
+    clients: list[RawClient] = []
+
+    async def connect(port: int) -> RawClient:
+        client = await RawClient.connect(port)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.analysis.rollout import (
+    COMMANDS,
     CommandError,
     RolloutState,
     canary_weight,
@@ -85,9 +86,9 @@ def test_breach_rolls_back_and_latches() -> None:
     assert events[0].data["from"] == 10 and events[0].data["canary_requests"] == 500
     # Latched: healthy verdicts, more time, pause/resume/promote change nothing.
     assert on_verdict(s, HEALTHY, STEPS, 10_000.0) == (s, [])
-    for cmd in ("pause", "resume", "promote"):
+    for cmd in COMMANDS[:3]:
         with pytest.raises(CommandError, match="reset first"):
-            on_command(s, cmd, STEPS, 50.0)  # type: ignore[arg-type]
+            on_command(s, cmd, STEPS, 50.0)
     assert on_command(s, "rollback", STEPS, 50.0) == (s, [])
 
 

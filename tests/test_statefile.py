@@ -52,7 +52,9 @@ def test_missing_file_is_none(tmp_path: Path) -> None:
         ' "step_started_at": 0, "changed_at": 0}',
     ],
 )
-def test_corrupt_file_warns_and_is_none(tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str) -> None:
+def test_corrupt_file_warns_and_is_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str
+) -> None:
     path = tmp_path / "state.json"
     path.write_text(content)
     with caplog.at_level(logging.WARNING, logger="canary_proxy.rollout"):

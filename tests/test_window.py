@@ -91,3 +91,22 @@ def test_from_counts_builds_the_same_histogram_as_recording() -> None:
     for d in durations:
         w.record(10.0, False, d)
     assert w.stats(10.0, 60.0) == WindowStats.from_counts(4, 0, durations, window=60.0)
+
+
+def test_export_and_merge_slices_between_processes() -> None:
+    worker, leader = UpstreamWindow(60), UpstreamWindow(60)
+    for sec in range(100, 110):
+        worker.record(sec + 0.5, sec % 2 == 0, 0.05)
+        worker.record(sec + 0.7, False, 2.0)
+        leader.record(sec + 0.1, False, 0.05)
+    exported = worker.export_slices(104, 108)  # completed seconds 105..108 only
+    assert [s[0] for s in exported] == [105, 106, 107, 108]
+    assert exported[0][1:3] == (2, 0) and sum(exported[0][3].values()) == 2
+    for second, requests, errors, hist in exported:
+        leader.merge_slice(second, requests, errors, hist)
+    merged = leader.stats(108.5, 4.0)  # seconds 105..108
+    assert (merged.requests, merged.errors) == (4 + 8, 2)
+    assert sum(merged.counts) == 12
+    # Too old for the ring slot (it now holds a newer second): dropped.
+    leader.merge_slice(108 - 61, 5, 5, {0: 5})
+    assert leader.stats(108.5, 60.0).errors == 2

@@ -62,6 +62,7 @@ class RolloutController:
         self._webhook_factory = webhook_factory
         self._state: RolloutState | None = None
         self._last_verdict: Verdict | None = None
+        self._last_verdict_at: float | None = None
         self._webhook: WebhookSender | None = None
         self._armed: str | None = None  # the upstream whose on_trip points at us
         self._pending: list[RolloutEvent] = []  # fast-fail work waiting for call_soon
@@ -81,6 +82,11 @@ class RolloutController:
     def last_verdict(self) -> Verdict | None:
         """The verdict of the latest tick (also while holding)."""
         return self._last_verdict
+
+    @property
+    def last_verdict_at(self) -> float | None:
+        """When `last_verdict` was computed (clock time)."""
+        return self._last_verdict_at
 
     @property
     def config(self) -> Config:
@@ -119,6 +125,7 @@ class RolloutController:
         baseline = self._window(rollout.baseline, now, rollout)
         verdict = judge(canary, baseline, rollout)
         self._last_verdict = verdict
+        self._last_verdict_at = now
         new, events = on_verdict(state, verdict, rollout, now)
         self._apply(new, events)
         return verdict

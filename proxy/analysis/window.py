@@ -132,3 +132,65 @@ class UpstreamWindow:
         # Column sums in C: one tuple per bucket across the selected slices.
         counts = tuple(map(sum, zip(*hists, strict=True))) if hists else (0,) * _NBUCKETS
         return WindowStats(requests, errors, counts, window)
+
+    # -- cross-process merging (`run --workers N`: followers ship completed seconds to the leader) --
+
+    def export_slices(self, after: int, upto: int) -> list[tuple[int, int, int, dict[int, int]]]:
+        """Slices for seconds in (after, upto] as (second, requests, errors, {bucket: count})."""
+        out: list[tuple[int, int, int, dict[int, int]]] = []
+        for i, stamp in enumerate(self._stamps):
+            if after < stamp <= upto and self._requests[i]:
+                hist = {b: c for b, c in enumerate(self._hists[i]) if c}
+                out.append((stamp, self._requests[i], self._errors[i], hist))
+        return out
+
+    def merge_slice(self, second: int, requests: int, errors: int, hist: dict[int, int]) -> None:
+        """Add another process' counts for `second` (ignored if older than the horizon)."""
+        i = second % self._n
+        if self._stamps[i] != second:
+            if self._stamps[i] > second:
+                return  # the slot already holds a newer second: this one is out of the window
+            self._stamps[i] = second
+            self._requests[i] = 0
+            self._errors[i] = 0
+            self._hists[i][:] = self._zeros
+        self._requests[i] += requests
+        self._errors[i] += errors
+        row = self._hists[i]
+        for b, c in hist.items():
+            if 0 <= b < len(row):
+                row[b] += c
+
+    def export_slices(self, after: int, upto: int) -> list[tuple[int, int, int, dict[int, int]]]:
+        """Slices with `after < second <= upto` as (second, requests, errors, {bucket: count}).
+
+        For shipping a worker's completed seconds to the leader process (sparse, JSON-friendly).
+        """
+        out: list[tuple[int, int, int, dict[int, int]]] = []
+        for i, stamp in enumerate(self._stamps):
+            if after < stamp <= upto and self._requests[i]:
+                hist = {b: c for b, c in enumerate(self._hists[i]) if c}
+                out.append((stamp, self._requests[i], self._errors[i], hist))
+        out.sort(key=lambda s: s[0])
+        return out
+
+    def merge_slice(self, second: int, requests: int, errors: int, hist: dict[int, int]) -> None:
+        """Add another process' counts for one second (see `export_slices`).
+
+        A second older than the one its ring slot now holds is dropped: it left the horizon.
+        """
+        i = second % self._n
+        stamp = self._stamps[i]
+        if stamp > second:
+            return
+        if stamp != second:
+            self._stamps[i] = second
+            self._requests[i] = 0
+            self._errors[i] = 0
+            self._hists[i][:] = self._zeros
+        self._requests[i] += requests
+        self._errors[i] += errors
+        target = self._hists[i]
+        for bucket, count in hist.items():
+            if 0 <= bucket < _NBUCKETS:
+                target[bucket] += count

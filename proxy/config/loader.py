@@ -223,7 +223,7 @@ class _Parser:
         if ("to" in given) == ("split" in given):
             r.error(v, f'set exactly one of "to" and "split" (got {"both" if "to" in given else "neither"})')
         elif "to" in given:
-            to = self.known(given["to"], r.string(given["to"]))
+            to = self.known(given["to"], r.text(given["to"]))
         else:
             split = self.split(given["split"])
         if "sticky" in given and "split" not in given:
@@ -351,8 +351,8 @@ class _Parser:
             v,
             Rollout,
             {
-                "canary": lambda x: self.known(x, r.string(x)),
-                "baseline": lambda x: self.known(x, r.string(x)),
+                "canary": lambda x: self.known(x, r.text(x)),
+                "baseline": lambda x: self.known(x, r.text(x)),
                 "steps": lambda x: r.increasing(x, "steps", hi=100, allow_empty=True),
                 "interval": r.duration,
                 "window": r.duration,

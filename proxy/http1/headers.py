@@ -65,7 +65,11 @@ RESPONSE_SPECIAL: dict[bytes, int] = {
 }
 
 # Headers a client can never remove by naming them in Connection: we rebuild them ourselves.
-PROTECTED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"x-request-id", b"host"})
+PROTECTED = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"x-request-id", b"host"}
+)
+# Connection tokens that are options, not the names of headers to drop.
+CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 

@@ -363,12 +363,13 @@ class ClientConnection(asyncio.Protocol):
         if not conn.has_reqid and req.reqid is not None:
             extra += b"X-Request-Id: " + req.reqid + b"\r\n"
         if status == 101:
-            if req.upgrade is None:
-                conn.client = None
-                self.upstream_protocol_error(conn, "101 without an upgrade request")
+            if req.upgrade is None or conn.upgrade is None:
+                req.status = 0  # nothing was sent: the client gets a 502
+                self.upstream_protocol_error(conn, "101 without an upgrade request and response")
                 return
             self.wbuf.append(
-                b"HTTP/1.1 101 %s\r\n%sConnection: upgrade\r\n%s\r\n" % (conn.reason, b"".join(lines), extra)
+                b"HTTP/1.1 101 %s\r\n%sConnection: upgrade\r\nUpgrade: %s\r\n%s\r\n"
+                % (conn.reason, b"".join(lines), conn.upgrade, extra)
             )
             self.flush()
             self.begin_tunnel(conn)

@@ -38,7 +38,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunked = False
         self.has_reqid = False
         self.conn_tokens: list[bytes] | None = None
-        self.upgrade = False
+        self.upgrade: bytes | None = None  # the Upgrade header: hop-by-hop, only forwarded with a 101
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -91,7 +91,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunked = False
         self.has_reqid = False
         self.conn_tokens = None
-        self.upgrade = False
+        self.upgrade = None
 
     def on_status(self, status: bytes) -> None:
         self.reason = status
@@ -113,8 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
             tokens = [t.strip().lower() for t in value.split(b",")]
             self.conn_tokens = (self.conn_tokens or []) + tokens
         elif kind == R_UPGRADE:
-            self.upgrade = True
-            self.lines.append(b"Upgrade: " + value + b"\r\n")
+            self.upgrade = value
         elif kind == R_REQID:
             self.has_reqid = True
             self.lines.append(name + b": " + value + b"\r\n")
