@@ -10,7 +10,7 @@ import hashlib
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Generic, TypeVar
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl
 
 BUCKETS = 10_000
 T = TypeVar("T")
@@ -68,9 +68,9 @@ def parse_query(qs: bytes) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     if not qs:
         return out
-    for name, value in parse_qsl(qs.decode("latin-1"), keep_blank_values=True):
-        key = unquote_to_bytes(name) if "%" in name else name.encode("latin-1")
-        out.setdefault(key, value.encode("latin-1", "replace"))
+    # latin-1 both ways keeps the percent-decoded bytes exactly as sent (UTF-8 or not).
+    for name, value in parse_qsl(qs.decode("latin-1"), keep_blank_values=True, encoding="latin-1"):
+        out.setdefault(name.encode("latin-1"), value.encode("latin-1"))
     return out
 
 
@@ -144,8 +144,8 @@ def select(
 ) -> tuple[RouteRule[T], T | None] | None:
     """First rule whose predicate holds, and its upstream target.
 
-    `rng` (like random.random) supplies the bucket when a split has no sticky key on this request. Returns None when
-    no rule matches; the target is None when a split has no live entry.
+    `rng` (like random.random) supplies the bucket when a split has no sticky key on this request.
+    Returns None when no rule matches; the target is None when a split has no live entry.
     """
     for rule in rules:
         pred = rule.predicate
@@ -159,9 +159,6 @@ def select(
             key = view.headers.get(rule.sticky_header)
         elif rule.sticky_cookie is not None:
             key = view.cookie(rule.sticky_cookie)
-        if key:
-            bucket = sticky_bucket(key)
-        else:
-            bucket = int(rng() * BUCKETS)
+        bucket = sticky_bucket(key) if key else int(rng() * BUCKETS)
         return rule, table.pick(bucket)
     return None

@@ -136,32 +136,6 @@ class UpstreamWindow:
     # -- cross-process merging (`run --workers N`: followers ship completed seconds to the leader) --
 
     def export_slices(self, after: int, upto: int) -> list[tuple[int, int, int, dict[int, int]]]:
-        """Slices for seconds in (after, upto] as (second, requests, errors, {bucket: count})."""
-        out: list[tuple[int, int, int, dict[int, int]]] = []
-        for i, stamp in enumerate(self._stamps):
-            if after < stamp <= upto and self._requests[i]:
-                hist = {b: c for b, c in enumerate(self._hists[i]) if c}
-                out.append((stamp, self._requests[i], self._errors[i], hist))
-        return out
-
-    def merge_slice(self, second: int, requests: int, errors: int, hist: dict[int, int]) -> None:
-        """Add another process' counts for `second` (ignored if older than the horizon)."""
-        i = second % self._n
-        if self._stamps[i] != second:
-            if self._stamps[i] > second:
-                return  # the slot already holds a newer second: this one is out of the window
-            self._stamps[i] = second
-            self._requests[i] = 0
-            self._errors[i] = 0
-            self._hists[i][:] = self._zeros
-        self._requests[i] += requests
-        self._errors[i] += errors
-        row = self._hists[i]
-        for b, c in hist.items():
-            if 0 <= b < len(row):
-                row[b] += c
-
-    def export_slices(self, after: int, upto: int) -> list[tuple[int, int, int, dict[int, int]]]:
         """Slices with `after < second <= upto` as (second, requests, errors, {bucket: count}).
 
         For shipping a worker's completed seconds to the leader process (sparse, JSON-friendly).

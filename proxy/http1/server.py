@@ -162,7 +162,8 @@ class ClientConnection(asyncio.Protocol):
         lname = name.lower()
         if lname in req.snapshot.route_headers:
             old = req.rhdrs.get(lname)
-            req.rhdrs[lname] = value if old is None else old + b", " + value
+            # Repeats are joined like one list-valued header; cookie pairs are `;`-separated.
+            req.rhdrs[lname] = value if old is None else old + (b"; " if lname == b"cookie" else b", ") + value
         kind = H.REQUEST_SPECIAL.get(lname)
         if kind is None:
             req.lines.append(name + b": " + value + b"\r\n")
