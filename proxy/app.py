@@ -287,4 +287,4 @@ class ProxyApp:
 
 
 def _open_log(path: str | None) -> IO[str] | None:
-    return open(path, "a", buffering=1) if path else None  # noqa: SIM115
+    return open(path, "a", buffering=1) if path else None

@@ -169,7 +169,9 @@ def _line(app: ProxyApp, traffic: Traffic, elapsed: float) -> str:
     )
 
 
-async def run_demo(duration: float = 30.0, keep_running: bool = False, port: int = 8080, out: TextIO = sys.stdout) -> int:
+async def run_demo(
+    duration: float = 30.0, keep_running: bool = False, port: int = 8080, out: TextIO = sys.stdout
+) -> int:
     """Run the demo; returns the exit code."""
     stable = DemoUpstream("stable", "v1.0.0")
     canary = DemoUpstream("canary", "v1.1.0")
@@ -190,10 +192,14 @@ async def run_demo(duration: float = 30.0, keep_running: bool = False, port: int
 
     say(f"canary-proxy demo: proxy on {url}  admin on http://127.0.0.1:{admin_port}/ (status page)")
     say(f"  stable v1.0.0 on :{stable_port}, canary v1.1.0 on :{canary_port}")
-    say("  routes: header x-canary: always -> canary; cookie canary=always -> canary; default split, sticky on x-user-id")
+    say("  routes: header x-canary: always -> canary; cookie canary=always -> canary;")
+    say("          default: weighted split, sticky on x-user-id")
     rollout = config.rollout
     if rollout is not None:
-        say(f"  rollout steps {list(rollout.steps)} every {rollout.interval:g}s; the canary starts failing at t={duration * 0.55:.0f}s")
+        say(
+            f"  rollout steps {list(rollout.steps)} every {rollout.interval:g}s; "
+            f"the canary starts failing at t={duration * 0.55:.0f}s"
+        )
     traffic = Traffic(url)
     start = time.monotonic()
     gen = asyncio.create_task(traffic.run(start + duration))

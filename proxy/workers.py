@@ -137,7 +137,8 @@ class LeaderSync:
         for name, slices in body.get("slices", {}).items():
             window = app.stats.upstream(name, buckets).window
             for stamp, requests, errors, hist in slices:
-                window.merge_slice(int(stamp), int(requests), int(errors), {int(k): int(v) for k, v in hist.items()})
+                counts = {int(k): int(v) for k, v in hist.items()}
+                window.merge_slice(int(stamp), int(requests), int(errors), counts)
         trip = body.get("trip")
         controller = app.controller
         if trip and controller is not None:

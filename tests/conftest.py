@@ -156,7 +156,9 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     """Run `python -m proxy run -c FILE` as a real process; waits until it is listening."""
     procs: list[ProxyProcess] = []
 
-    def start(text: str, name: str = "canary.yaml", args: tuple[str, ...] = (), timeout: float = 15.0) -> ProxyProcess:
+    def start(
+        text: str, name: str = "canary.yaml", args: tuple[str, ...] = (), timeout: float = 15.0
+    ) -> ProxyProcess:
         port, admin = free_port(), free_port()
         text = text.replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
         text = text.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}")

@@ -398,9 +398,11 @@ tests:
         values: '0+10x30'
       - series: 'canary_proxy_rollout_step{job="canary-proxy",instance="p",upstream="canary"}'
         values: '0x30'
-      - series: 'canary_proxy_upstream_weight{job="canary-proxy",instance="p",route="default",upstream="canary"}'
+      - series: >-
+          canary_proxy_upstream_weight{job="canary-proxy",instance="p",route="default",upstream="canary"}
         values: '5x30'
-      - series: 'canary_proxy_upstream_weight{job="canary-proxy",instance="p",route="default",upstream="stable"}'
+      - series: >-
+          canary_proxy_upstream_weight{job="canary-proxy",instance="p",route="default",upstream="stable"}
         values: '95x30'
       - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",phase="paused"}'
         values: '1x200'
