@@ -395,8 +395,9 @@ class ClientConnection(asyncio.Protocol):
         self.wbuf.append(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, conn.reason, b"".join(lines), extra))
         if req.framing == F_NONE and req.method == b"HEAD":
             # llhttp would wait for a HEAD response's announced body: finish here, parse afresh.
+            keep_upstream = conn.head_keep_alive()
             conn.reset_parser()
-            self.response_complete(conn, conn.parser.should_keep_alive() or conn.content_length >= 0)
+            self.response_complete(conn, keep_upstream)
 
     def response_body(self, body: bytes) -> None:
         req = self.current

@@ -156,6 +156,14 @@ class UpstreamConnection(asyncio.Protocol):
             return self.lines
         return [ln for ln in self.lines if ln.split(b":", 1)[0].lower() not in drop]
 
+    def head_keep_alive(self) -> bool:
+        """Whether the connection stays open after the response head being parsed (its version
+        and Connection header; the parser itself would wait for a HEAD response's body)."""
+        tokens = self.conn_tokens or ()
+        if self.parser.get_http_version() == "1.1":
+            return b"close" not in tokens
+        return b"keep-alive" in tokens
+
     def reset_parser(self) -> None:
         """A response to HEAD has no body whatever its framing headers say; start afresh."""
         self.parser = httptools.HttpResponseParser(self)
