@@ -20,8 +20,7 @@ echo "system-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# The Debian packages start services we do not want running beside the tests.
-for svc in nginx prometheus; do
-  (command -v systemctl >/dev/null 2>&1 && $SUDO systemctl stop "$svc" >/dev/null 2>&1) || true
-  pkill -x "$svc" >/dev/null 2>&1 || true
+# The Debian packages may start their system services; the tests and benchmarks run their own.
+for svc in nginx prometheus prometheus-node-exporter; do
+  $SUDO service "$svc" stop >/dev/null 2>&1 || true
 done

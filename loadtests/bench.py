@@ -14,28 +14,22 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # allow `python loadtests/bench.py` as well as `-m loadtests.bench`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtests import clients, nginx, report, scenarios
+from loadtests import clients, report, scenarios
 from loadtests.harness import (
     BenchError,
     CoreLoad,
     Cores,
-    Proc,
     machine_info,
-    pinned,
-    port_free,
-    raise_nofile,
     sigterm_as_interrupt,
-    wait_port,
 )
-from loadtests.topology import Files, Ports, proxy_config
+from loadtests.lineup import Lineup
+from loadtests.topology import Files, Ports
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -65,9 +59,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--rounds", type=int, help="rounds per scenario (default 3, quick 1)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 10, quick 3)")
     p.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma list of 1-7 (7 = worker scaling)")
-    p.add_argument(
-        "--workers", type=int, default=1, help="worker processes for both proxies (passed through)"
-    )
+    p.add_argument("--workers", type=int, default=1, help="worker processes for both proxies (passed through)")
     p.add_argument(
         "--self-test",
         action="store_true",
@@ -103,17 +95,6 @@ def ensure_tools() -> None:
     subprocess.run(["bash", str(HERE / "install.sh")], check=True)
 
 
-def proxy_support(python: str) -> tuple[bool, bool]:
-    """(canary-proxy runs at all, it accepts ``run --workers``), judged from ``run --help``."""
-    try:
-        done = subprocess.run(
-            [python, "-m", "proxy", "run", "--help"], capture_output=True, text=True, timeout=30, cwd=REPO
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False, False
-    return done.returncode == 0, "--workers" in done.stdout
-
-
 def plan_cores(workers: int) -> Cores:
     cores = Cores.plan()
     if workers == 1 or cores.proxy is None:
@@ -124,108 +105,7 @@ def plan_cores(workers: int) -> Cores:
     return Cores(proxy=",".join(map(str, cpus[:workers])), load=",".join(map(str, cpus[workers:])))
 
 
-class Bench:
-    """Owns the work dir and every process of one run."""
-
-    def __init__(self, opts: Options, stack: contextlib.ExitStack):
-        self.opts = opts
-        self.stack = stack
-        self.ports = Ports(opts.base_port)
-        self.cores = plan_cores(opts.workers)
-        self.work = HERE / ".work" / "run"
-        self.files = Files(self.work, opts.stream_size)
-        self.runs, self.supports_workers = proxy_support(opts.python)
-        self.ours_cmd: list[str] = []
-        self.nofile = raise_nofile(65536)
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, cmd: list[str], port: int, cpus: str | None) -> Proc:
-        proc = Proc(name, pinned(cmd, cpus), self.work, env={**os.environ, "PYTHONPATH": str(REPO)})
-        self.stack.callback(proc.stop)
-        self.procs.append(proc)
-        wait_port(port, proc)
-        return proc
-
-    def check_alive(self) -> None:
-        """A process that died mid-run would turn the next numbers into connection errors."""
-        for proc in self.procs:
-            if not proc.alive():
-                raise BenchError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
-
-    def start_nginx(self, name: str, port: int, workers: int) -> Proc:
-        prefix = self.work / name
-        conf = nginx.write_proxy(prefix, port, self.ports, workers, self.nofile)
-        return self.start(name, nginx.command(prefix, conf), port, self.cores.proxy)
-
-    def ours_command(self, config: Path, workers: int) -> list[str]:
-        cmd = [self.opts.python, "-m", "proxy", "run", "-c", str(config)]
-        if self.supports_workers and (workers > 1 or self.opts.workers > 1):
-            cmd += ["--workers", str(workers)]
-        return cmd
-
-    def setup(self) -> tuple[scenarios.Target, scenarios.Target]:
-        if not self.opts.self_test and not self.runs:
-            raise BenchError(
-                "canary-proxy does not run yet (`python -m proxy run --help` failed); "
-                "use --self-test to check the harness with nginx in both slots"
-            )
-        busy = [p for p in self.ports.all() if not port_free(p)]
-        if busy:
-            raise BenchError(f"ports already in use: {busy} (another bench running? try --base-port)")
-        shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir(parents=True)
-        self.files.create()
-        load = self.cores.load
-        self.start(
-            "sink", [self.opts.python, "-m", "loadtests.sink", str(self.ports.sink)], self.ports.sink, load
-        )
-        prefix = self.work / "upstream"
-        conf = nginx.write_upstream(prefix, self.ports, self.files, self.nofile)
-        self.start("upstream", nginx.command(prefix, conf), self.ports.stable, load)
-        theirs = self.start_nginx("nginx-proxy", self.ports.nginx, self.opts.workers)
-        if self.opts.self_test:
-            ours = self.start_nginx("nginx-selftest", self.ports.ours, self.opts.workers)
-            label = "nginx (self-test)"
-        else:
-            config = self.work / "canary-proxy.yaml"
-            config.write_text(proxy_config(self.ports.ours, self.ports.admin, self.ports))
-            self.ours_cmd = self.ours_command(config, self.opts.workers)
-            ours = self.start("canary-proxy", self.ours_cmd, self.ports.ours, self.cores.proxy)
-            label = "canary-proxy"
-        return (
-            scenarios.Target(report.OURS, label, self.ports.ours, ours.pid),
-            scenarios.Target(report.NGINX, "nginx", self.ports.nginx, theirs.pid),
-        )
-
-    @contextlib.contextmanager
-    def spawn_ours(self, workers: int) -> Iterator[scenarios.Target]:
-        """An extra, unpinned canary-proxy with ``workers`` workers, for the scaling line."""
-        port, admin = self.ports.scaling(workers)
-        config = self.work / f"scaling-{workers}.yaml"
-        config.write_text(proxy_config(port, admin, self.ports))
-        cmd = [self.opts.python, "-m", "proxy", "run", "-c", str(config), "--workers", str(workers)]
-        with contextlib.ExitStack() as own:
-            proc = Proc(
-                f"canary-proxy-w{workers}", cmd, self.work, env={**os.environ, "PYTHONPATH": str(REPO)}
-            )
-            own.callback(proc.stop)
-            wait_port(port, proc)
-            yield scenarios.Target(report.OURS, f"canary-proxy x{workers}", port, proc.pid)
-
-    def metrics_line(self) -> str:
-        if self.opts.self_test:
-            return "canary-proxy /metrics: not applicable (self-test)"
-        url = f"http://127.0.0.1:{self.ports.admin}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                body = resp.read().decode(errors="replace")
-        except OSError as e:
-            return f"canary-proxy /metrics: unreachable ({e})"
-        series = sum(1 for line in body.splitlines() if line and not line.startswith("#"))
-        return f"canary-proxy /metrics at the end of the run: {series} series served"
-
-
-def setup_lines(opts: Options, bench: Bench, targets: tuple[scenarios.Target, scenarios.Target]) -> list[str]:
+def setup_lines(opts: Options, bench: Lineup, targets: tuple[scenarios.Target, scenarios.Target]) -> list[str]:
     ours_desc = (
         "a second nginx with the same config as the nginx proxy (--self-test)"
         if opts.self_test
@@ -250,7 +130,7 @@ def setup_lines(opts: Options, bench: Bench, targets: tuple[scenarios.Target, sc
 
 
 def run_scenarios(
-    opts: Options, bench: Bench, ctx: scenarios.Context
+    opts: Options, bench: Lineup, ctx: scenarios.Context
 ) -> tuple[list[report.ScenarioResult], list[str]]:
     """Run the selected scenarios; one that fails is reported and the others still run."""
     results: list[report.ScenarioResult] = []
@@ -278,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     ensure_tools()
     started = time.monotonic()
+    machine = machine_info(opts.python)  # before the harness pins itself to the load CPUs
     background = CoreLoad(None)
     time.sleep(1.0)
     busy = background.percent()
@@ -287,7 +168,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     with contextlib.ExitStack() as stack, sigterm_as_interrupt():
-        bench = Bench(opts, stack)
+        bench = Lineup(
+            stack,
+            python=opts.python,
+            ports=Ports(opts.base_port),
+            cores=plan_cores(opts.workers),
+            work=HERE / ".work" / "run",
+            files=Files(HERE / ".work" / "run", opts.stream_size),
+            workers=opts.workers,
+            self_test=opts.self_test,
+        )
         if bench.cores.load:  # the harness itself is a client (routing checks, idle connections)
             os.sched_setaffinity(0, {int(c) for c in bench.cores.load.split(",")})
         try:
@@ -302,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 work=bench.work,
                 files=bench.files,
                 idle_count=opts.idle_count,
-                spawn_ours=bench.spawn_ours if bench.supports_workers and not opts.self_test else None,
+                fresh=bench.fresh,
+                scaled=bench.scaled if bench.supports_workers and not opts.self_test else None,
             )
             results, failures = run_scenarios(opts, bench, ctx)
             setup = [
@@ -321,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m loadtests.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     # A self-test validates the harness; it must not overwrite the real comparison.
     results_path = HERE / ".work" / "RESULTS-selftest.md" if opts.self_test else HERE / "RESULTS.md"
-    report.write_results(results_path, machine_info(opts.python), setup, results, command, failures)
+    report.write_results(results_path, machine, setup, results, command, failures)
     print("\n".join(report.summary(results) + failures))
     print(f"\nwrote {results_path.relative_to(REPO)} ({time.monotonic() - started:.0f} s in all)")
     return 1 if failures else 0

@@ -23,6 +23,10 @@ class Transfer:
     bytes: int
     seconds: float
 
+    @classmethod
+    def total(cls, transfers: list[Transfer]) -> Transfer:
+        return cls(sum(t.bytes for t in transfers), sum(t.seconds for t in transfers))
+
     @property
     def mb_per_s(self) -> float:
         return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
@@ -105,6 +109,17 @@ def check_routing(port: int, users: int = 2000) -> str:
     return f"{100 * share[CANARY_BODY] / users:.1f}% canary, sticky, header rule ok"
 
 
+def warm(port: int, requests: int = 200) -> None:
+    """A few requests over one connection, so lazily built state exists before a baseline is taken."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for i in range(requests):
+            conn.request("GET", "/small", headers={USER_HEADER: f"warm-{i}"})
+            conn.getresponse().read()
+    finally:
+        conn.close()
+
+
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -120,15 +135,11 @@ async def _open_one(port: int, i: int) -> tuple[asyncio.StreamReader, asyncio.St
     return reader, writer
 
 
-async def _idle(
-    port: int, count: int, measure: asyncio.Future[None], release: asyncio.Event, batch: int
-) -> int:
+async def _idle(port: int, count: int, measure: asyncio.Future[None], release: asyncio.Event, batch: int) -> int:
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         for start in range(0, count, batch):
-            conns += await asyncio.gather(
-                *(_open_one(port, i) for i in range(start, min(count, start + batch)))
-            )
+            conns += await asyncio.gather(*(_open_one(port, i) for i in range(start, min(count, start + batch))))
         await asyncio.sleep(1.0)  # let the proxy settle (buffers released after the response)
         measure.set_result(None)
         await release.wait()

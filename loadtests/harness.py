@@ -242,7 +242,7 @@ def machine_info(python: str) -> dict[str, str]:
         "harness python": sys.version.split()[0],
         "nginx": _first_line(["nginx", "-v"]),
         "wrk": _first_line(["wrk", "--version"]).split(" Copyright")[0],
-        "curl": _first_line(["curl", "--version"]),
+        "curl": " ".join(_first_line(["curl", "--version"]).split()[:2]),
     }
 
 

@@ -146,9 +146,7 @@ def summary(results: list[ScenarioResult]) -> list[str]:
     for result in results:
         for check, value, ok in result.verdicts():
             got = "no data" if value is None else f"got {value:.2f}"
-            lines.append(
-                f"{'PASS' if ok else 'FAIL'}  [{result.key}] {check.metric}: {check.describe()} ({got})"
-            )
+            lines.append(f"{'PASS' if ok else 'FAIL'}  [{result.key}] {check.metric}: {check.describe()} ({got})")
     return lines
 
 

@@ -44,6 +44,10 @@ class Ports:
     def admin(self) -> int:
         return self.base + 901
 
+    def fresh(self, key: str) -> tuple[int, int]:
+        """(listen, admin) of a short-lived instance started for the idle-connection memory test."""
+        return (self.base + 85, self.base + 905) if key == "ours" else (self.base + 86, self.base + 906)
+
     def scaling(self, workers: int) -> tuple[int, int]:
         """(listen, admin) of the extra canary-proxy started with ``workers`` workers."""
         return self.base + 90 + workers, self.base + 910 + workers
@@ -56,6 +60,8 @@ class Ports:
             self.ours,
             self.nginx,
             self.admin,
+            *self.fresh("ours"),
+            *self.fresh("nginx"),
             *self.scaling(1),
             *self.scaling(2),
         ]
@@ -82,6 +88,11 @@ class Files:
         (self.www / "64k.bin").write_bytes(b"x" * 65536)
         with self.blob.open("wb") as f:
             f.truncate(self.stream_size)
+        # Read it once: the first read of a hole fills the page cache and would slow whichever proxy
+        # happens to go first.
+        with self.blob.open("rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
 
 
 def proxy_config(listen: int, admin: int, ports: Ports) -> str:

@@ -82,9 +82,7 @@ def connections_for_rate(rate: float) -> int:
     return max(1, round(rate * MEAN_DELAY_MS / 1000))
 
 
-def run(
-    port: int, script: Path, connections: int, duration: float, cpus: str | None, timeout_s: int = 5
-) -> WrkResult:
+def run(port: int, script: Path, connections: int, duration: float, cpus: str | None, timeout_s: int = 5) -> WrkResult:
     """One wrk run (one thread: the load side has a single core on the reference machine)."""
     cmd = pinned(
         [

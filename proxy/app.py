@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import IO
 
 from proxy import __version__
 from proxy.accesslog import AccessLogger
 from proxy.admin import AdminServer
 from proxy.analysis.controller import RolloutController
-from proxy.analysis.rollout import RolloutState
+from proxy.analysis.rollout import RolloutState, reconcile
 from proxy.compile import Snapshot, compile_snapshot
 from proxy.config import Config, ConfigError, load_config
 from proxy.dataplane import DataPlane
@@ -93,7 +95,7 @@ class ProxyApp:
             self.admin = AdminServer(self)
             await self.admin.start(self.config.admin.host, self.config.admin.port)
         if self.watch and self.config.source_path:
-            self.watcher = ConfigWatcher(self.config.source_path, self.reload)
+            self.watcher = ConfigWatcher(self.config.source_path, self.reload, known=self.config.source_hash)
             self.watcher.start()
         log.info(
             "canary-proxy %s listening on %s:%d (admin %s), config %s hash %s",
@@ -149,10 +151,6 @@ class ProxyApp:
         Nothing changes before the new snapshot is compiled; then one reference is swapped, so
         requests in flight finish on the snapshot they started with.
         """
-        from dataclasses import replace
-
-        from proxy.analysis.rollout import reconcile
-
         async with self._reload_lock:
             old = self.config
             path = old.source_path
@@ -220,18 +218,19 @@ class ProxyApp:
     def _on_stop_signal(self, signum: int = signal.SIGTERM) -> None:
         self._signals += 1
         if self._signals > 1:
-            import os
-
             # At once means at once: no draining, no task cancellation, no thread joins.
             log.warning("second stop signal (%s): exiting now", signal.Signals(signum).name)
             for handler in logging.getLogger().handlers:
                 with contextlib.suppress(Exception):
                     handler.flush()
-            os._exit(1)
+            os._exit(128 + signum)  # the shell's convention for death by signal
         log.info("%s received: draining", signal.Signals(signum).name)
         self.stopping.set()
 
     def _on_hup(self) -> None:
+        if self.plane is None:
+            log.warning("SIGHUP before the proxy started: ignored (the file is read at start)")
+            return
         log.info("SIGHUP received: reloading the config")
         if self.watcher is not None:
             self.watcher.request("SIGHUP")  # debounced together with the file events
@@ -250,21 +249,28 @@ class ProxyApp:
         Returns True when every client connection finished on its own (nothing was cut).
         """
         clean = True
+        if self.plane is not None:
+            # First: /readyz turns 503 and the listener closes at once. A reload while draining
+            # is harmless (in-flight requests keep their snapshot).
+            clean = await self.plane.drain(self.config.shutdown_grace)
         if self.watcher is not None:
-            # No config changes while draining (and the watch thread must not outlive the loop).
-            await self.watcher.stop()
+            await self.watcher.stop()  # its watch thread must not outlive the loop
             self.watcher = None
         for task in list(self._tasks):
             task.cancel()
-        if self.plane is not None:
-            clean = await self.plane.drain(self.config.shutdown_grace)
         if self._controller_task is not None:
             self._controller_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._controller_task
             self._controller_task = None
+        if self.follower_sync is not None:
+            await self.follower_sync.stop()
+            self.follower_sync = None
         if self.controller is not None:
             await self.controller.stop()
+        if self.leader_sync is not None:
+            await self.leader_sync.stop()
+            self.leader_sync = None
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None

@@ -53,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         app = ProxyApp(config, role=role)
+        app.install_signals()  # before start: a signal during start-up must not kill us half-way
         try:
             await app.start()
         except OSError as exc:

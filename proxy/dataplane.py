@@ -197,9 +197,9 @@ class DataPlane(DataPlaneLike):
             return
         self._send(req, client, pool)
 
-    def _send(self, req: Request, client: ClientConnection, pool: EndpointPool) -> None:
+    def _send(self, req: Request, client: ClientConnection, pool: EndpointPool, fresh: bool = False) -> None:
         req.pool = pool
-        conn = pool.take_idle()
+        conn = None if fresh else pool.take_idle()
         if conn is not None:
             client.upstream_ready(conn)
             return
@@ -242,8 +242,11 @@ class DataPlane(DataPlaneLike):
                 "endpoint %s of %s ejected for %.0fs", pool.endpoint.key, name, pool.ejected_until - now
             )
 
-    def retry(self, req: Request, client: ClientConnection, kind: int) -> bool:
-        """Try another endpoint (or, for the canary, the baseline) if that is safe and in budget."""
+    def retry(self, req: Request, client: ClientConnection, kind: int, reused: bool = False) -> bool:
+        """Try another endpoint (or, for the canary, the baseline) if that is safe and in budget.
+
+        A request that failed on a pooled connection (`reused`) may also go to the same endpoint
+        over a new connection: the old one most likely went stale while idle."""
         if req.status or req.body_forwarded or req.binding is None:
             return False
         snap = req.snapshot
@@ -257,6 +260,9 @@ class DataPlane(DataPlaneLike):
             return False
         upstream = req.binding.upstream
         pool = upstream.balancer.pick(self.loop.time(), exclude=req.pool)
+        fresh = False
+        if pool is None and reused and req.pool is not None:
+            pool, fresh = req.pool, True
         if pool is None or pool.ejected_until > self.loop.time():
             fallback = snap.fallback.get(upstream.name)
             if fallback is None:
@@ -272,7 +278,7 @@ class DataPlane(DataPlaneLike):
         req.failed = False
         req.attempts += 1
         self.stats.retries[upstream.name] = self.stats.retries.get(upstream.name, 0) + 1
-        self._send(req, client, pool)
+        self._send(req, client, pool, fresh)
         return True
 
     def finish(self, req: Request, aborted: bool) -> None:

@@ -87,7 +87,12 @@ class ConfigWatcher:
                 await task
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
+            # awatch registers its inotify watch before it first yields, so this callback runs
+            # once the watch exists: a change made before then (just after start, or while the
+            # watch was down) is caught by comparing the digest then.
+            loop.call_soon(self._dirty.set)
             try:
                 async for _changes in watchfiles.awatch(
                     self.directory,

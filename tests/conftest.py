@@ -372,3 +372,26 @@ async def raw_client() -> AsyncIterator[Callable[[int], Awaitable[RawClient]]]:
     yield connect
     for client in clients:
         client.close()
+
+
+def admin_get(pp: ProxyProcess, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET on a proxy process's admin listener: (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{pp.admin_port}{path}", timeout=timeout) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_running(pp: ProxyProcess) -> None:
+    """Block until the process runs its loop, which means its signal handlers are installed.
+
+    `listening on` is logged at the end of `ProxyApp.start`; the handlers are installed right after,
+    with no await between. An admin response can only be produced once the loop runs again, so
+    after one, a SIGHUP or SIGTERM meets our handlers and not the default action (terminate).
+    """
+    status, body = admin_get(pp, "/healthz")
+    assert status == 200, body

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -169,15 +170,13 @@ async def test_http10_client_gets_chunked_upstream_body_close_delimited(
         (b"HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
         (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"),
         (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
-        (b"GET", b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 1000\r\n\r\n"),
+        (b"GET", b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\nContent-Length: 1000\r\n\r\n'),
     ],
 )
 async def test_bodiless_responses(
     method: bytes, response: bytes, raw_upstream: RawFactory, proxy_factory: ProxyFactory
 ) -> None:
-    up, seen = await scripted_upstream(
-        raw_upstream, [response, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"]
-    )
+    up, seen = await scripted_upstream(raw_upstream, [response, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"])
     app = await proxy_factory(config_text(up.url, up.url))
     client = await RawClient.connect(port_of(app))
     await client.send(method + b" / HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -200,9 +199,7 @@ async def test_expect_100_continue(
     app = await proxy_factory(config_text(up.url, up.url))
     client = await RawClient.connect(port_of(app))
     body = b"x" * 100_000
-    await client.send(
-        b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
-    )
+    await client.send(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
     interim = await client.response()  # we send nothing more until the 100 arrives
     assert interim.start == b"HTTP/1.1 100 Continue"
     await client.send(body)
@@ -287,7 +284,10 @@ async def test_pipelined_requests_with_chunked_bodies_and_head(
 async def test_interim_responses_pass_through(raw_upstream: RawFactory, proxy_factory: ProxyFactory) -> None:
     up, _ = await scripted_upstream(
         raw_upstream,
-        [b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+        [
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        ],
     )
     app = await proxy_factory(config_text(up.url, up.url))
     client = await RawClient.connect(port_of(app))
@@ -318,3 +318,72 @@ async def test_large_chunked_download_streams(raw_upstream: RawFactory, proxy_fa
     resp = await asyncio.wait_for(read_response(reader), 10)
     writer.close()
     assert resp.body == piece * 64
+
+
+async def test_head_response_with_connection_close_is_not_pooled(
+    raw_upstream: RawFactory, proxy_factory: ProxyFactory
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        req = await read_request(reader)
+        if req.start.startswith(b"HEAD"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.5)  # the close comes late: the proxy must not reuse the connection
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    up = await raw_upstream(handler)
+    app = await proxy_factory(config_text(up.url, up.url, extra="retries: {attempts: 0}\n"))
+    client = await RawClient.connect(port_of(app))
+    head = await client.request(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n", method=b"HEAD")
+    assert head.status == 200 and head.get("content-length") == [b"10"]
+    resp = await client.request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    client.close()
+    assert resp.status == 200 and resp.body == b"ok"
+    assert up.accepted == 2
+
+
+async def test_backpressure_holds_for_the_next_pipelined_response(
+    raw_upstream: RawFactory, proxy_factory: ProxyFactory
+) -> None:
+    """A response that completes while the client is not reading leaves the client leg paused; the
+    next pipelined request's upstream must start paused too instead of streaming into memory."""
+    big = 64 * 1024 * 1024
+    block = b"b" * (1 << 20)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            req = await read_request(reader)
+            if req.start.startswith(b"GET /small"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 102400\r\n\r\n" + b"s" * 102400)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big)
+                for _ in range(big // len(block)):
+                    writer.write(block)
+                    await writer.drain()
+            await writer.drain()
+
+    up = await raw_upstream(handler)
+    app = await proxy_factory(config_text(up.url, up.url))
+    assert app.plane is not None
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client reads nothing for now
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port_of(app)))
+    await loop.sock_sendall(sock, b"GET /small HTTP/1.1\r\nHost: h\r\n\r\nGET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+    await asyncio.sleep(0.5)
+    (conn,) = app.plane.clients
+    assert conn.transport is not None
+    buffered = conn.transport.get_write_buffer_size()
+    print("BUF", buffered)
+    assert buffered < 4 * 1024 * 1024, f"{buffered} bytes buffered for a client that reads nothing"
+    total = 0
+    expected = 102400 + big + 2 * len(b"HTTP/1.1 200 OK\r\n")  # at least
+    while total < expected:
+        data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10)
+        assert data
+        total += len(data)
+    sock.close()

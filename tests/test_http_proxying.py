@@ -22,9 +22,9 @@ def port_of(app: ProxyApp) -> int:
     return app.plane.bound_port
 
 
-async def recording_upstream(raw_upstream: Callable[..., Awaitable[RawUpstream]], response: bytes) -> tuple[
-    RawUpstream, list[RawMessage]
-]:
+async def recording_upstream(
+    raw_upstream: Callable[..., Awaitable[RawUpstream]], response: bytes
+) -> tuple[RawUpstream, list[RawMessage]]:
     """A keep-alive raw upstream that records each request and answers `response` to every one."""
     seen: list[RawMessage] = []
 
@@ -211,7 +211,9 @@ async def test_connection_header_cannot_strip_our_forwarding_headers(
 async def test_upstream_request_id_is_not_duplicated(
     raw_upstream: Callable[..., Awaitable[RawUpstream]], proxy_factory: ProxyFactory
 ) -> None:
-    up, _ = await recording_upstream(raw_upstream, b"HTTP/1.1 200 OK\r\nX-Request-Id: up-1\r\nContent-Length: 0\r\n\r\n")
+    up, _ = await recording_upstream(
+        raw_upstream, b"HTTP/1.1 200 OK\r\nX-Request-Id: up-1\r\nContent-Length: 0\r\n\r\n"
+    )
     app = await proxy_factory(config_text(up.url, up.url))
     client = await RawClient.connect(port_of(app))
     resp = await client.request(b"GET / HTTP/1.1\r\nHost: h\r\nX-Request-Id: mine\r\n\r\n")
@@ -281,7 +283,7 @@ async def test_access_log_lines_are_json_with_documented_fields(
     )
     app = await proxy_factory(text)
     client = await RawClient.connect(port_of(app))
-    await client.request(b"GET /p/caf%C3%A9?q=\"1\" HTTP/1.1\r\nHost: h\r\nX-Request-Id: rid-1\r\n\r\n")
+    await client.request(b'GET /p/caf%C3%A9?q="1" HTTP/1.1\r\nHost: h\r\nX-Request-Id: rid-1\r\n\r\n')
     await client.request(b"POST /c HTTP/1.1\r\nHost: h\r\nx-canary: always\r\nContent-Length: 3\r\n\r\nabc")
     client.close()
     assert app.plane is not None and app.plane.access_log is not None

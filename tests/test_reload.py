@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from conftest import ProxyProcess, Upstream, config_text
+from conftest import ProxyProcess, Upstream, config_text, wait_running
 
 from proxy.analysis.rollout import RolloutState
 from proxy.analysis.statefile import save_state
@@ -167,14 +167,18 @@ async def test_100_rewrites_under_load(
     stop = asyncio.Event()
     clients = [asyncio.create_task(hammer(data_url(app), hits, stop)) for _ in range(CLIENTS)]
     try:
-        await eventually(lambda: len(hits) >= 20, 5.0, "the clients to get going")
         expected = "stable"
         periods: list[tuple[float, float, str]] = []  # (switch seen, next valid write, target)
-        switched_at = hits[-1].end
+        switched_at = since = time.monotonic()
         lags: list[float] = []
+
+        def served_since(t: float, n: int = 2 * CLIENTS) -> Callable[[], bool]:
+            return lambda: sum(1 for h in hits[-4 * n :] if h.start > t) >= n
+
+        await eventually(served_since(since), 5.0, "the clients to get going")
         for i in range(100):
             mode = MODES[i % len(MODES)]
-            valid = i % 5 != 4
+            valid = i % 5 != 3  # 20 invalid files; the last write is valid
             target = ("canary" if expected == "stable" else "stable") if valid else None
             failures = app.stats.reloads["failure"]
             written_at = time.monotonic()
@@ -183,20 +187,22 @@ async def test_100_rewrites_under_load(
             if target is not None:
                 periods.append((switched_at, written_at, expected))
 
-                def followed(t: str = target, w: float = written_at) -> bool:
-                    return any(h.start > w and h.who == t for h in hits[seen:])
+                def followed(t: str = target, w: float = written_at, n: int = seen) -> bool:
+                    return any(h.start > w and h.who == t for h in hits[n:])
 
                 await eventually(followed, 1.0, f"write {i} ({mode}) to route everything to {target}")
-                switched_at = next(h.end for h in hits[seen:] if h.start > written_at and h.who == target)
+                switched_at = since = next(h.end for h in hits[seen:] if h.start > written_at and h.who == target)
                 lags.append(switched_at - written_at)
                 expected = target
             else:
                 await eventually(
                     lambda f=failures: app.stats.reloads["failure"] > f, 2.0, f"invalid write {i} ({mode}) refused"
                 )
-            mark = len(hits)
-            await eventually(lambda m=mark: len(hits) >= m + 2 * CLIENTS, 2.0, "traffic on the current config")
+                since = time.monotonic()
+            await eventually(served_since(since), 2.0, "traffic on the current config")
         periods.append((switched_at, time.monotonic(), expected))
+        # The clients' keep-alive connections lived through every reload: still the first four.
+        served = sorted(c.served for c in app.plane.clients)
     finally:
         stop.set()
         await asyncio.gather(*clients)
@@ -211,9 +217,7 @@ async def test_100_rewrites_under_load(
     assert app.stats.reloads["success"] == 80
     assert app.stats.reloads["failure"] >= 20  # a reader can catch cp/in-place writes half done
     assert app.last_error is None
-    # The clients' keep-alive connections lived through every reload.
-    assert len(app.plane.clients) == CLIENTS
-    assert all(c.served > 100 for c in app.plane.clients)
+    assert len(served) == CLIENTS and sum(served) >= len(hits) - CLIENTS
     assert max(lags) < 1.0
 
 
@@ -314,9 +318,7 @@ async def test_unreadable_yaml_reports_and_keeps_serving(
 # -- signals -------------------------------------------------------------------------------------
 
 
-async def test_sighup_reloads_without_a_watcher(
-    proxy_factory: StartProxy, upstream_factory: StartUpstream
-) -> None:
+async def test_sighup_reloads_without_a_watcher(proxy_factory: StartProxy, upstream_factory: StartUpstream) -> None:
     stable, canary = await upstream_factory("stable"), await upstream_factory("canary")
     app = await proxy_factory(text_for(stable, canary, "stable"), watch=False)
     Path(app.config.source_path).write_text(text_for(stable, canary, "canary", rev=1))
@@ -336,6 +338,7 @@ async def test_sighup_reloads_without_a_watcher(
 
 def test_sighup_reloads_a_running_process(proxy_process: Callable[..., ProxyProcess]) -> None:
     pp = proxy_process(config_text("http://127.0.0.1:9", "http://127.0.0.1:9"))
+    wait_running(pp)
     pp.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 5.0
     while not any("config reloaded (SIGHUP)" in line for line in pp.lines):
@@ -453,7 +456,7 @@ async def test_rollout_step_and_latch_survive_reload_unless_version_changes(
 
     def canary_share() -> float:
         assert app.plane is not None
-        (_, _, split), = app.plane.snapshot.effective
+        ((_, _, split),) = app.plane.snapshot.effective
         assert split is not None
         return dict(split)["canary"]
 

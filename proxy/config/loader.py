@@ -264,9 +264,7 @@ class _Parser:
             r.error(v, _EMPTY_MATCH)
         return match
 
-    def matchers(
-        self, v: Value | None, what: str, lower: bool = False
-    ) -> tuple[tuple[str, StringMatch], ...]:
+    def matchers(self, v: Value | None, what: str, lower: bool = False) -> tuple[tuple[str, StringMatch], ...]:
         out: list[tuple[str, StringMatch]] = []
         for name, mv in ((self.r.mapping(v, None) if v is not None else None) or {}).items():
             if not name or (what != "query parameter" and not _TOKEN.fullmatch(name)):
@@ -360,9 +358,7 @@ class _Parser:
                 "error_statuses": self.error_statuses,
                 "confidence": lambda x: r.number(x, 0.5, 1, lo_open=True, hi_open=True),
                 "thresholds": self.thresholds,
-                "fast_fail": lambda x: r.record(
-                    x, FastFail, {"consecutive_errors": lambda y: r.integer(y, lo=0)}
-                ),
+                "fast_fail": lambda x: r.record(x, FastFail, {"consecutive_errors": lambda y: r.integer(y, lo=0)}),
                 "state_file": r.string,
                 "webhook": lambda x: r.convert(x, parse_webhook, raw=True),
             },

@@ -23,9 +23,7 @@ def summarize(cfg: Config) -> str:
     lines.append("routes (first match wins):")
     width = max((len(r.name) for r in cfg.routes), default=0)
     for i, route in enumerate(cfg.routes, 1):
-        lines.append(
-            f"  {i}. {route.name:<{width}}  {describe_match(route.match)} -> {describe_target(route)}"
-        )
+        lines.append(f"  {i}. {route.name:<{width}}  {describe_match(route.match)} -> {describe_target(route)}")
     if cfg.limits.max_body_size is not None:
         lines.append(f"max body size {fmt_size(cfg.limits.max_body_size)}")
     if cfg.rollout is not None:

@@ -301,9 +301,7 @@ class Reader:
             return None
         return str(v.node.value)
 
-    def convert(
-        self, v: Value, fn: Callable[[Any], T], *, raw: bool = False, expected: str = "a string"
-    ) -> T | None:
+    def convert(self, v: Value, fn: Callable[[Any], T], *, raw: bool = False, expected: str = "a string") -> T | None:
         """`fn(value)`, recording its ValueError message. `raw` passes the scalar's source text."""
         if raw:
             value: object = self.text(v)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import monotonic
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from proxy.http1 import headers as H
 from proxy.http1.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Request
-from proxy.router import RequestView, select
+from proxy.stats import KIND_PROTOCOL, KIND_RESET
 
 if TYPE_CHECKING:
     from proxy.config.model import Timeouts
@@ -63,6 +63,10 @@ class ClientConnection(asyncio.Protocol):
         self.served = 0
         # Response bytes produced while the upstream's data is parsed, written in one call after.
         self.wbuf: list[bytes] = []
+        # Request bytes produced while the client's data is parsed (see data_received).
+        self.feeding = False
+        self.ubuf: list[bytes] = []
+        self.ubuf_t: asyncio.Transport | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -102,12 +106,16 @@ class ClientConnection(asyncio.Protocol):
         up = self.upstream or self.tunnel
         if up is not None and up.transport is not None:
             up.transport.pause_reading()
+            if up.started and not up.tunnel:
+                up.deadline = 0.0  # a slow client is the send timeout's business, not the upstream's
 
     def resume_writing(self) -> None:
         self.write_blocked_at = 0.0
         up = self.upstream or self.tunnel
         if up is not None and up.transport is not None:
             up.transport.resume_reading()
+            if up.started and not up.tunnel:
+                up.deadline = self.plane.loop_time() + self.timeouts.response
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -119,6 +127,9 @@ class ClientConnection(asyncio.Protocol):
             if self.current is not None and self.current.upgrade is not None:
                 self.early.append(data)
             return
+        # Upstream-bound bytes are collected while this read is parsed and written after it, so
+        # that nothing of a read that turns out malformed is forwarded (and writes are batched).
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -127,10 +138,44 @@ class ClientConnection(asyncio.Protocol):
             if rest:
                 self.early.append(rest)
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__cause__
-            self.bad_request(cause.status if isinstance(cause, Reject) else 400)
+            self._drop_pending()
+            cause = exc.__cause__ or exc.__context__  # httptools chains the callback's exception implicitly
+            if isinstance(cause, Reject):
+                self.bad_request(cause.status)
+            else:
+                log.error("request callback failed", exc_info=cause)
+                self.bad_request(500 if cause is not None else 400)
         except httptools.HttpParserError:
+            self._drop_pending()
             self.bad_request(400)
+        finally:
+            self.feeding = False
+        if self.ubuf:
+            self.flush_upstream()
+
+    def _drop_pending(self) -> None:
+        """The request being parsed is malformed: if it is the one being proxied, forget the
+        bytes this read produced for it (what an earlier request produced is still sent)."""
+        self.feeding = False
+        if self.req is not None and self.req is self.current:
+            self.ubuf = []
+            self.ubuf_t = None
+
+    def up_write(self, t: asyncio.Transport, data: bytes) -> None:
+        """Write towards the upstream (deferred to the end of the read being parsed, if any)."""
+        if not self.feeding:
+            t.write(data)
+            return
+        if self.ubuf_t is not t:
+            self.flush_upstream()
+            self.ubuf_t = t
+        self.ubuf.append(data)
+
+    def flush_upstream(self) -> None:
+        t, self.ubuf_t = self.ubuf_t, None
+        buf, self.ubuf = self.ubuf, []
+        if buf and t is not None and not t.is_closing():
+            t.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     # -- request parsing (httptools callbacks) ---------------------------------------------------
 
@@ -239,10 +284,9 @@ class ClientConnection(asyncio.Protocol):
         """Refuse what must never be forwarded (RFC 9112 framing, smuggling vectors, loops)."""
         if req.method == b"CONNECT":
             raise Reject(405)
-        if req.te is not None:
-            # Only a lone `chunked` coding is accepted; HTTP/1.0 cannot use chunked at all.
-            if req.version10 or req.te.strip().lower() != b"chunked":
-                raise Reject(400 if req.version10 else 501)
+        # Only a lone `chunked` coding is accepted; HTTP/1.0 cannot use chunked at all.
+        if req.te is not None and (req.version10 or req.te.strip().lower() != b"chunked"):
+            raise Reject(400 if req.version10 else 501)
         if req.host is None and not req.version10:
             raise Reject(400)
         target = req.target
@@ -299,7 +343,7 @@ class ClientConnection(asyncio.Protocol):
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
             if req.te is not None:
-                up.transport.write(b"0\r\n\r\n")
+                self.up_write(up.transport, b"0\r\n\r\n")
             up.deadline = self.plane.loop_time() + self.timeouts.response
 
     # -- proxying --------------------------------------------------------------------------------
@@ -316,9 +360,11 @@ class ClientConnection(asyncio.Protocol):
     def forward_body(self, req: Request, transport: asyncio.Transport, body: bytes) -> None:
         req.body_forwarded = True
         if req.te is not None:
-            transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            self.up_write(transport, b"%x\r\n" % len(body))
+            self.up_write(transport, body)
+            self.up_write(transport, b"\r\n")
         else:
-            transport.write(body)
+            self.up_write(transport, body)
 
     def upstream_ready(self, conn: UpstreamConnection) -> None:
         """An upstream connection is ours: send the head and whatever body is buffered."""
@@ -328,18 +374,21 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = conn
         conn.client = self
+        print("READY blocked=", self.write_blocked_at, self.transport.get_write_buffer_size())
+        if False:
+            t.pause_reading()  # the client still cannot take more: resume_writing() lets this one in
         req.attempts += 1
         if req.body:
-            t.write(req.head)
+            self.up_write(t, req.head)
             chunks, req.body = req.body, []
             for chunk in chunks:
                 self.forward_body(req, t, chunk)
             if req.complete and req.te is not None:
-                t.write(b"0\r\n\r\n")
+                self.up_write(t, b"0\r\n\r\n")
         elif req.complete and req.te is not None:
-            t.write(req.head + b"0\r\n\r\n")
+            self.up_write(t, req.head + b"0\r\n\r\n")
         else:
-            t.write(req.head)
+            self.up_write(t, req.head)
         if req.complete:
             conn.deadline = self.plane.loop_time() + self.timeouts.response
         else:
@@ -436,13 +485,20 @@ class ClientConnection(asyncio.Protocol):
     def end_exchange(self, req: Request) -> None:
         """The response is fully written: record it, then serve the next request or close."""
         self.current = None
+        if self.paused & (P_CONNECT | P_UPLOAD):
+            # The exchange may end without an upstream ever taking the request (a proxy error).
+            self.resume_reading_for(P_CONNECT | P_UPLOAD)
         self.served += 1
         self.plane.finish(req, aborted=False)
-        if not req.keep_alive or self.dead and not self.queue:
+        if not req.keep_alive or (self.dead and not self.queue):
             self.close()
             return
         if self.queue:
             self.plane.loop.call_soon(self._next_in_line)
+        elif self.req is not None:  # the next request's head is partly here: it gets the header timeout
+            self.deadline = self.plane.loop_time() + self.timeouts.client_header
+            self.dkind = D_HEADER
+            self.resume_reading_for(P_PIPELINE)
         else:
             self.deadline = self.plane.loop_time() + self.timeouts.idle
             self.dkind = D_IDLE
@@ -489,19 +545,20 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         self.flush()
         if transport is not None:
-            close = not req.keep_alive or status >= 500 and req.body_bytes > 0 or not req.complete
+            close = not req.keep_alive or (status >= 500 and req.body_bytes > 0) or not req.complete
             if close:
                 req.keep_alive = False
             resp = H.head_error_response(status, close) if req.method == b"HEAD" else H.error_response(status, close)
             transport.write(resp)
         self.end_exchange(req)
 
-    def upstream_failed(self, req: Request, kind: int, status: int) -> None:
-        """The upstream could not give a response: retry if allowed, else answer `status`."""
+    def upstream_failed(self, req: Request, kind: int, status: int, reused: bool = False) -> None:
+        """The upstream could not give a response: retry if allowed, else answer `status`.
+        `reused`: the failed connection came from the idle pool (it may have gone stale there)."""
         if req is not self.current or self.closed:
             return
         self.upstream = None
-        if self.plane.retry(req, self, kind):
+        if self.plane.retry(req, self, kind, reused):
             return
         if req.status:  # the response had started: the client must see a truncated response
             self.abort()
@@ -520,8 +577,8 @@ class ClientConnection(asyncio.Protocol):
             self.response_complete(conn, False)  # a body framed by connection close ended normally
             self.flush()
             return
-        self.plane.upstream_error(req, self, 2)  # reset
-        self.upstream_failed(req, 2, 502)
+        self.plane.upstream_error(req, self, KIND_RESET)
+        self.upstream_failed(req, KIND_RESET, 502, conn.reused)
 
     def upstream_protocol_error(self, conn: UpstreamConnection, why: str) -> None:
         req = self.current
@@ -530,7 +587,7 @@ class ClientConnection(asyncio.Protocol):
         if req is None or self.upstream is not conn:
             return
         log.warning("upstream %s:%d sent an invalid response: %s", conn.pool.host, conn.pool.port, why)
-        self.plane.upstream_error(req, self, 3)
+        self.plane.upstream_error(req, self, KIND_PROTOCOL)
         self.upstream = None
         if req.status:
             self.abort()
@@ -550,13 +607,13 @@ class ClientConnection(asyncio.Protocol):
             elif self.current is None:
                 self.close()
         elif self.dkind == D_BODY:
-            req = self.current
-            if req is not None and not req.status and self.upstream is not None:
+            cur = self.current
+            if cur is not None and not cur.status and self.upstream is not None:
                 up, self.upstream = self.upstream, None
                 up.client = None
                 up.abort()
-                req.keep_alive = False
-                self.respond_error(req, 408)
+                cur.keep_alive = False
+                self.respond_error(cur, 408)
             else:
                 self.abort()
         self.dkind = D_NONE
@@ -587,6 +644,8 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         if self.transport is not None:
             self.transport.resume_reading()
+        if self.write_blocked_at and t is not None:
+            t.pause_reading()
 
     def tunnel_write(self, data: bytes) -> None:
         if self.transport is not None:

@@ -5,6 +5,7 @@ and the response parser that streams a response back to the client leg.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -15,6 +16,8 @@ from proxy.http1.headers import R_CL, R_CONNECTION, R_REQID, R_TE, R_UPGRADE, RE
 
 if TYPE_CHECKING:
     from proxy.http1.server import ClientConnection
+
+P_UPLOAD = 2  # proxy.http1.server.P_UPLOAD (imported there from here would be a cycle)
 
 log = logging.getLogger("canary_proxy.upstream")
 
@@ -30,6 +33,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = 0.0  # loop time; 0 = none
         self.tunnel = False
         self.started = False  # response head forwarded to the client
+        self.reused = False  # taken from the idle pool at least once
         self.interim = False  # parsing a 1xx
         self.until_close = False  # response framed by connection close
         self.lines: list[bytes] = []
@@ -57,11 +61,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.client is not None:
-            self.client.pause_reading_for(2)
+            self.client.pause_reading_for(P_UPLOAD)
 
     def resume_writing(self) -> None:
         if self.client is not None:
-            self.client.resume_reading_for(2)
+            self.client.resume_reading_for(P_UPLOAD)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -71,8 +75,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             client.tunnel_write(data)
             return
-        if self.started:
-            self.deadline = client.plane.loop_time() + client.timeouts.response
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -81,6 +83,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.client.tunnel_write(rest)
         except httptools.HttpParserError as exc:
             client.upstream_protocol_error(self, str(exc))
+        if self.started and not self.tunnel:
+            # The response timeout also bounds each pause within a response once it has started.
+            self.deadline = client.plane.loop_time() + client.timeouts.response
         client.flush()
 
     # -- httptools callbacks -------------------------------------------------------------------
@@ -199,6 +204,7 @@ class EndpointPool:
             conn = idle.pop()
             t = conn.transport
             if t is not None and not t.is_closing():
+                conn.reused = True
                 return conn
         return None
 
@@ -222,10 +228,8 @@ class EndpointPool:
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self.idle.remove(conn)
-        except ValueError:
-            pass
 
     def retire(self) -> None:
         """Stop reusing this endpoint: close idle connections; busy ones close when done."""
