@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup system-deps demo test lint bench bench-quick clean
+.PHONY: setup system-deps demo test lint bench bench-quick rollback-time clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: setup system-deps
 # CI-sized: 1 round x 3 s, 64 MiB transfers, 1000 idle connections (about 1-2 minutes).
 bench-quick: setup system-deps
 	$(PYTHON) -m loadtests.bench --quick
+
+# Seconds from a canary going bad to weight 0, and failed user requests meanwhile (~5 min).
+rollback-time: setup
+	$(PYTHON) -m loadtests.rollback_time
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache loadtests/.work

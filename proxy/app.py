@@ -112,21 +112,35 @@ class ProxyApp:
             return self.controller.state
         return self.remote_state
 
-    def _arm_follower_fast_fail(self) -> None:
-        """In a follower, fast-fail trips by asking the leader at once (it owns the decision)."""
+    def _arm_follower_fast_fail(self, fresh: bool = False) -> None:
+        """In a follower, fast-fail asks the leader to trip (it owns the decision). Armed only while
+        a trip can change anything; `fresh` (a new or reset rollout) forgets old consecutive errors."""
         rollout = self.config.rollout
-        if rollout is None or not rollout.fast_fail.consecutive_errors or self.follower_sync is None:
-            return
         sync = self.follower_sync
+        if rollout is None or sync is None:
+            return
         us = self.stats.upstream(rollout.canary, self.config.metrics.buckets)
+        state = self.remote_state
+        active = rollout.fast_fail.consecutive_errors > 0 and (
+            state is None or state.phase not in ("rolled_back", "promoted")
+        )
+        if not active:
+            us.trip_at = 1 << 62
+            us.on_trip = None
+            return
+        if fresh:
+            us.consecutive_errors = 0
         us.trip_at = rollout.fast_fail.consecutive_errors
         us.on_trip = lambda: sync.request_trip(f"{us.consecutive_errors} consecutive errors from {us.name}")
 
     def apply_remote_state(self, state: RolloutState | None) -> None:
         """Followers: adopt the leader's rollout state (swap only when it changed)."""
-        if state == self.remote_state:
+        old = self.remote_state
+        if state == old:
             return
         self.remote_state = state
+        was_active = old is not None and old.phase not in ("rolled_back", "promoted")
+        self._arm_follower_fast_fail(fresh=not was_active)
         self._rollout_changed(state)
 
     def metrics_stats(self) -> Stats:
@@ -200,6 +214,7 @@ class ProxyApp:
             self.loaded_at = loaded_at
             self.last_error = self.last_error_at = None
             self.plane.swap(snapshot)  # also retires the pools of removed endpoints
+            self._arm_follower_fast_fail()  # a follower picks up a changed fast_fail setting
             self.stats.reloads["success"] += 1
             log.info("config reloaded (%s): hash %s", reason, new.source_hash)
             if self.controller is not None:

@@ -219,6 +219,9 @@ async def run_demo(
                     say(f"t={elapsed:4.0f}s  >> {ev.kind}: {ev.message}")
                 seen = len(events)
         await gen
+        if app.controller is not None:  # events after the last live line
+            for ev in list(app.controller.events)[seen:]:
+                say(f"t={time.monotonic() - start:4.0f}s  >> {ev.kind}: {ev.message}")
         say("")
         say("summary (requests by route and by who served them):")
         for (kind, served), n in sorted(traffic.total.items()):

@@ -142,10 +142,7 @@ class LeaderSync:
         trip = body.get("trip")
         controller = app.controller
         if trip and controller is not None:
-            state = controller.state
-            if state is not None and state.phase != "rolled_back":
-                with contextlib.suppress(Exception):
-                    controller.command("rollback", reason=f"fast fail on worker {index}: {trip}")
+            controller.trip(f"fast fail on worker {index}: {trip}", {"worker": index})
         state = controller.state if controller is not None else None
         return web.json_response(
             {"state": None if state is None else state_to_dict(state), "config_hash": app.config.source_hash}

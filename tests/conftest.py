@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -171,6 +173,7 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
             text=True,
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # teardown signals the whole group (`--workers` children too)
         )
         pp = ProxyProcess(proc, port, admin, path)
         deadline = time.monotonic() + timeout
@@ -189,8 +192,8 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
 
     yield start
     for pp in procs:
-        if pp.proc.poll() is None:
-            pp.proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pp.proc.pid, signal.SIGKILL)
         pp.proc.wait(timeout=10)
 
 

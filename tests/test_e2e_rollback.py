@@ -589,7 +589,6 @@ async def test_workers_share_metrics_and_follow_a_rollback(
         assert await stop_process(pp) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a follower keeps its fast-fail count across a reset (see report)")
 async def test_workers_reset_starts_the_fast_fail_count_afresh(
     upstream_factory: Callable[..., Awaitable[Upstream]],
     proxy_process: Callable[..., ProxyProcess],

@@ -414,3 +414,43 @@ async def test_partial_pipelined_head_gets_408(
     assert await client.at_eof() == b""
     client.close()
     assert [s["path"] for s in stable.seen] == ["/1"]
+
+
+async def test_slow_reading_client_is_not_an_upstream_timeout(
+    raw_upstream: RawFactory, proxy_factory: ProxyFactory
+) -> None:
+    """While the client leg is blocked the upstream is paused on purpose: that pause must not count
+    against the upstream's response timeout."""
+    size = 32 * 1024 * 1024
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"z" * (1 << 20)
+        for _ in range(size // len(block)):
+            writer.write(block)
+            await writer.drain()
+        await reader.read()
+
+    up = await raw_upstream(handler)
+    app = await proxy_factory(config_text(up.url, up.url, extra="timeouts: {response: 1s}\n"))
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port_of(app)))
+    await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    await asyncio.sleep(2.0)  # read nothing for twice the response timeout
+    received = bytearray()
+    while True:
+        data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5)
+        if not data:
+            break
+        received += data
+        if len(received) >= size and b"\r\n\r\n" in received:
+            head_len = received.index(b"\r\n\r\n") + 4
+            if len(received) - head_len == size:
+                break
+    sock.close()
+    head_len = received.index(b"\r\n\r\n") + 4
+    assert len(received) - head_len == size

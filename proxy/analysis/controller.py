@@ -19,6 +19,7 @@ from typing import Any
 
 from proxy.analysis.rollout import (
     Command,
+    JSONScalar,
     RolloutEvent,
     RolloutState,
     canary_weight,
@@ -313,6 +314,17 @@ class RolloutController:
         us = self._stats.upstreams.get(rollout.canary)
         if us is not None:
             us.consecutive_errors = 0
+
+    def trip(self, reason: str, data: dict[str, JSONScalar] | None = None) -> RolloutState | None:
+        """Roll back now for `reason` (e.g. a worker's fast-fail); a no-op when rolled back or promoted."""
+        rollout = self._config.rollout
+        state = self._state
+        if rollout is None or state is None:
+            return state
+        new, events = trip(state, rollout, self._clock(), reason, data or {})
+        if new is not state:
+            self._apply(new, events)
+        return self._state
 
     def _on_fast_fail(self) -> None:
         """Called by UpstreamStats.observe on the data plane's stack: swap the state, defer the rest."""

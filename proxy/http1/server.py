@@ -374,8 +374,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = conn
         conn.client = self
-        print("READY blocked=", self.write_blocked_at, self.transport.get_write_buffer_size())
-        if False:
+        if self.write_blocked_at:
             t.pause_reading()  # the client still cannot take more: resume_writing() lets this one in
         req.attempts += 1
         if req.body:
