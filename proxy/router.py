@@ -74,9 +74,19 @@ def parse_query(qs: bytes) -> dict[bytes, bytes]:
     return out
 
 
+_bucket_cache: dict[bytes, int] = {}
+_BUCKET_CACHE_MAX = 65_536
+
+
 def sticky_bucket(key: bytes) -> int:
     """Stable bucket in [0, 10000) for a stickiness key, the same in every process and release."""
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % BUCKETS
+    bucket = _bucket_cache.get(key)
+    if bucket is None:
+        bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % BUCKETS
+        if len(_bucket_cache) >= _BUCKET_CACHE_MAX:
+            _bucket_cache.clear()  # bounded memory; a miss only costs one hash
+        _bucket_cache[key] = bucket
+    return bucket
 
 
 Predicate = Callable[[RequestView], bool]

@@ -22,6 +22,11 @@ P_UPLOAD = 2  # proxy.http1.server.P_UPLOAD (imported there from here would be a
 log = logging.getLogger("canary_proxy.upstream")
 
 
+# Connection tokens that are options, not header names.
+_NOT_HEADERS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_SIMPLE_CONNECTION = {v: v.lower() for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close")}
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an endpoint. Bound to at most one client exchange at a time."""
 
@@ -115,8 +120,9 @@ class UpstreamConnection(asyncio.Protocol):
         elif kind == R_TE:
             self.chunked = True
         elif kind == R_CONNECTION:
-            tokens = [t.strip().lower() for t in value.split(b",")]
-            self.conn_tokens = (self.conn_tokens or []) + tokens
+            simple = _SIMPLE_CONNECTION.get(value)  # "keep-alive" / "close": nearly every response
+            tokens = [simple] if simple is not None else [t.strip().lower() for t in value.split(b",")]
+            self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
         elif kind == R_UPGRADE:
             self.upgrade = value
         elif kind == R_REQID:
@@ -154,9 +160,9 @@ class UpstreamConnection(asyncio.Protocol):
     def filtered_lines(self) -> list[bytes]:
         """Response header lines without the ones named in Connection (rarely needed)."""
         tokens = self.conn_tokens
-        if not tokens:
+        if not tokens or (len(tokens) == 1 and tokens[0] in _NOT_HEADERS):
             return self.lines
-        drop = {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade")}
+        drop = {t for t in tokens if t not in _NOT_HEADERS}
         if not drop:
             return self.lines
         return [ln for ln in self.lines if ln.split(b":", 1)[0].lower() not in drop]
