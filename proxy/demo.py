@@ -150,10 +150,14 @@ class Traffic:
 
 
 def _line(app: ProxyApp, traffic: Traffic, elapsed: float) -> str:
+    """One live line: per route, who served this second's requests; weights; errors; phase."""
     tick = traffic.tick
-    total = sum(tick.values()) or 1
-    canary = sum(n for (k, s), n in tick.items() if k == "default" and s.startswith("canary"))
-    default = sum(n for (k, _), n in tick.items() if k == "default") or 1
+    total = sum(tick.values())
+    parts = []
+    for kind in ("header", "cookie", "default"):
+        stable = sum(n for (k, s), n in tick.items() if k == kind and s.startswith("stable"))
+        canary = sum(n for (k, s), n in tick.items() if k == kind and s.startswith("canary"))
+        parts.append(f"{kind} {stable:3d}s/{canary:3d}c")
     errors = sum(n for (_, s), n in tick.items() if "!" in s or s == "error")
     state = app.controller.state if app.controller else None
     phase = state.phase if state else "-"
@@ -161,11 +165,11 @@ def _line(app: ProxyApp, traffic: Traffic, elapsed: float) -> str:
     if app.plane is not None:
         for _name, _to, split in app.plane.snapshot.effective:
             if split:
-                weights = " / ".join(f"{n} {w:g}%" for n, w in split)
+                weights = "/".join(f"{w:g}" for _n, w in split)
                 break
     return (
-        f"t={elapsed:4.0f}s  {total:4d} req/s  default route: {100 * canary / default:5.1f}% to canary "
-        f"(weights {weights})  errors {errors:3d}  phase {phase}"
+        f"t={elapsed:4.0f}s {total:4d} req/s  " + "  ".join(parts)
+        + f"  weights {weights}  5xx {errors:3d}  phase {phase}"
     )
 
 
@@ -194,10 +198,11 @@ async def run_demo(
     say(f"  stable v1.0.0 on :{stable_port}, canary v1.1.0 on :{canary_port}")
     say("  routes: header x-canary: always -> canary; cookie canary=always -> canary;")
     say("          default: weighted split, sticky on x-user-id")
+    say("  live lines: requests per route served by stable (s) / canary (c), default split weights stable/canary")
     rollout = config.rollout
     if rollout is not None:
         say(
-            f"  rollout steps {list(rollout.steps)} every {rollout.interval:g}s; "
+            f"  rollout steps {', '.join(f'{w:g}%' for w in rollout.steps)} every {rollout.interval:g}s; "
             f"the canary starts failing at t={duration * 0.55:.0f}s"
         )
     traffic = Traffic(url)
