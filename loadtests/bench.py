@@ -47,6 +47,7 @@ class Options:
     stream_size: int
     idle_count: int
     python: str
+    results: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--stream-mib", type=int, help="size of the streamed transfers (default 1024, quick 64)")
     p.add_argument("--idle", type=int, help="idle connections for scenario 5 (default 10000, quick 1000)")
     p.add_argument("--python", default=str(REPO / ".venv/bin/python"), help="interpreter for canary-proxy")
+    p.add_argument("--results", default=None, help="where to write the results (default loadtests/RESULTS.md)")
     a = p.parse_args(argv)
     chosen = tuple(sorted({int(x) for x in a.scenarios.split(",") if x.strip()}))
     if not chosen or not set(chosen) <= set(scenarios.SCENARIOS):
@@ -84,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         stream_size=(a.stream_mib or (64 if a.quick else 1024)) * 2**20,
         idle_count=a.idle or (1000 if a.quick else 10_000),
         python=a.python if Path(a.python).exists() else sys.executable,
+        results=a.results,
     )
 
 
@@ -212,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m loadtests.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     # A self-test validates the harness; it must not overwrite the real comparison.
     results_path = HERE / ".work" / "RESULTS-selftest.md" if opts.self_test else HERE / "RESULTS.md"
+    if opts.results:
+        results_path = Path(opts.results).resolve()
     report.write_results(results_path, machine, setup, results, command, failures)
     print("\n".join(report.summary(results) + failures))
-    print(f"\nwrote {results_path.relative_to(REPO)} ({time.monotonic() - started:.0f} s in all)")
+    print(f"\nwrote {results_path} ({time.monotonic() - started:.0f} s in all)")
     return 1 if failures else 0
 
 

@@ -398,3 +398,156 @@ def wait_running(pp: ProxyProcess) -> None:
     """
     status, body = admin_get(pp, "/healthz")
     assert status == 200, body
+
+
+# -- hardening helpers (tests/test_hardening_*.py) -----------------------------------------------
+
+
+class SeenRequest:
+    """One complete request an instrumented upstream parsed from the bytes it received."""
+
+    def __init__(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = body
+
+    def get(self, name: str) -> list[bytes]:
+        key = name.lower().encode()
+        return [v for n, v in self.headers if n.lower() == key]
+
+    def __repr__(self) -> str:
+        return f"SeenRequest({self.method!r} {self.url!r} body={self.body[:40]!r})"
+
+
+class _LoggedConnection(asyncio.Protocol):
+    """Upstream side of one proxy connection: logs every byte, parses requests with llhttp and
+    answers each complete one with `200` and its path as the body (or the owner's `respond`)."""
+
+    def __init__(self, owner: LoggingUpstream) -> None:
+        import httptools
+
+        self.owner = owner
+        self.raw = bytearray()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.in_message = False
+        self.broken = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.owner.connections.append(self)
+        self.owner.open += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.open -= 1
+        self.owner.closed_at.append(time.monotonic())
+
+    def data_received(self, data: bytes) -> None:
+        import httptools
+
+        self.raw += data
+        if self.broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.broken = True  # the proxy sent bytes that are not a clean request stream
+            self.owner.parse_errors += 1
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.url, self.headers, self.body = b"", [], bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        method = self.parser.get_method()
+        req = SeenRequest(method, self.url, self.headers, bytes(self.body))
+        self.owner.requests.append(req)
+        assert self.transport is not None
+        self.transport.write(self.owner.respond(req))
+
+
+class LoggingUpstream:
+    """A raw TCP upstream that logs the exact bytes it receives (`raw`) and the requests they
+    parse into (`requests`); `parse_errors` counts connections whose bytes were not clean HTTP."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.connections: list[_LoggedConnection] = []
+        self.requests: list[SeenRequest] = []
+        self.parse_errors = 0
+        self.open = 0
+        self.closed_at: list[float] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(bytes(c.raw) for c in self.connections)
+
+    @property
+    def partial(self) -> int:
+        """Connections that hold an incomplete request (a head or body that never ended)."""
+        return sum(1 for c in self.connections if c.in_message and not c.broken)
+
+    def respond(self, req: SeenRequest) -> bytes:
+        body = b"" if req.method == b"HEAD" else req.url
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(req.url), body)
+
+    def urls(self) -> list[bytes]:
+        return [r.url for r in self.requests]
+
+
+@pytest.fixture
+async def logging_upstream() -> AsyncIterator[Callable[[], Awaitable[LoggingUpstream]]]:
+    """Start instrumented raw upstreams (see `LoggingUpstream`)."""
+    servers: list[LoggingUpstream] = []
+
+    async def start() -> LoggingUpstream:
+        up = LoggingUpstream()
+        loop = asyncio.get_running_loop()
+        up.server = await loop.create_server(lambda: _LoggedConnection(up), "127.0.0.1", 0)
+        up.port = up.server.sockets[0].getsockname()[1]
+        servers.append(up)
+        return up
+
+    yield start
+    for up in servers:
+        assert up.server is not None
+        up.server.close()
+        for c in up.connections:
+            if c.transport is not None:
+                c.transport.abort()
+
+
+async def wait_until(check: Callable[[], Any], timeout: float = 5.0, what: str = "", every: float = 0.02) -> Any:
+    """Poll `check()` (sync) until truthy; fail after `timeout` s with `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        await asyncio.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last value: {last!r}")
+
+
+def fd_count(pid: int | None = None) -> int:
+    """Open file descriptors of a process (this one by default)."""
+    return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))

@@ -42,6 +42,19 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     b"upgrade": H_UPGRADE,
 }
 
+# `Transfer_Encoding`, `X_Forwarded_For`, ...: CGI-style servers (WSGI, PHP) map `_` and `-` alike, so
+# an underscore alias of a special header could override ours upstream. Framing aliases are
+# refused (a smuggling attempt); the others are dropped, as nginx does by default.
+H_BAD = 13
+UNDERSCORE_ALIASES: dict[bytes, int] = {
+    name.replace(b"-", b"_"): H_BAD if kind in (H_TE, H_CL) else H_HOP
+    for name, kind in REQUEST_SPECIAL.items()
+    if b"-" in name
+}
+
+# Larger than any real body, and past what int64 or float-based upstreams parse exactly.
+MAX_CONTENT_LENGTH = 1 << 53
+
 # Response header names the upstream leg treats specially.
 R_HOP = 1
 R_CONNECTION = 2

@@ -211,9 +211,17 @@ class ClientConnection(asyncio.Protocol):
             req.rhdrs[lname] = value if old is None else old + (b"; " if lname == b"cookie" else b", ") + value
         kind = H.REQUEST_SPECIAL.get(lname)
         if kind is None:
+            if b"_" in lname:
+                kind = H.UNDERSCORE_ALIASES.get(lname.replace(b"-", b"_"))
+                if kind is not None:
+                    if kind == H.H_BAD:
+                        raise Reject(400)
+                    return  # an alias of a header we set or drop ourselves
             req.lines.append(name + b": " + value + b"\r\n")
         elif kind == H.H_CL:
             req.clen = int(value)
+            if req.clen > H.MAX_CONTENT_LENGTH:
+                raise Reject(413)
         elif kind == H.H_HOST:
             if req.host is not None:
                 raise Reject(400)

@@ -1,0 +1,32 @@
+"""The benchmark harness itself runs end to end and prints our numbers beside nginx's.
+
+Speed is never asserted here (the machines are noisy): this only proves `make bench` works and
+reports a side-by-side ratio, on a one-second, one-scenario run written to a temp file.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_bench_prints_side_by_side_ratio(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    out = subprocess.run(
+        [sys.executable, "-m", "loadtests.bench", "--quick", "--scenarios", "1", "--duration", "1",
+         "--base-port", "38000", "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert out.returncode in (0, 1), out.stdout[-3000:] + out.stderr[-3000:]  # 1 = a target missed
+    text = results.read_text()
+    assert "| req/s |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| req/s |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ours, nginx, ratio = (float(re.sub(r"[^0-9.]", "", c)) for c in cells[1:4])
+    assert ours > 0 and nginx > 0
+    assert abs(ratio - ours / nginx) < 0.2 * max(ratio, 0.1)  # median of one round = plain ratio
+    assert "nginx" in out.stdout and "canary-proxy" in out.stdout
