@@ -245,6 +245,7 @@ def run_workers(config_path: str, count: int, log_level: str = "info") -> int:
         procs[i] = spawn(i)
     log.info("started %d workers (pids %s)", count, ", ".join(str(p.pid) for p in procs.values()))
     codes: dict[int, int] = {}
+    next_spawn: dict[int, float] = {}
     while True:
         time.sleep(0.1)
         for i, p in list(procs.items()):
@@ -254,8 +255,9 @@ def run_workers(config_path: str, count: int, log_level: str = "info") -> int:
             if stopping:
                 codes[i] = rc
                 del procs[i]
-            else:
+            elif time.monotonic() >= next_spawn.get(i, 0.0):
                 log.error("worker %d (pid %d) exited with %d; restarting it", i, p.pid, rc)
+                next_spawn[i] = time.monotonic() + 1.0  # a crash loop restarts at most once a second
                 procs[i] = spawn(i)
         if stopping and not procs:
             break
