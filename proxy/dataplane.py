@@ -151,6 +151,8 @@ class DataPlane(DataPlaneLike):
         peer = client.peer
         trusted = bool(snap.trusted) and self._trusted(peer, snap)
         xff = peer if req.xff is None else req.xff + b", " + peer
+        if trusted and req.xff is not None:
+            req.peer = self._client_address(req.xff, snap, peer)
         proto = req.xfproto if trusted and req.xfproto else b"http"
         fhost = req.xfhost if trusted and req.xfhost else req.host
         if req.reqid is None:
@@ -185,12 +187,30 @@ class DataPlane(DataPlaneLike):
             return False
         return any(addr in net for net in snap.trusted)
 
+    @staticmethod
+    def _client_address(xff: bytes, snap: Snapshot, peer: bytes) -> bytes:
+        """The client a trusted peer speaks for: the right-most X-Forwarded-For entry that is not a
+        trusted proxy. A malformed entry stops the walk at the last hop we could vouch for, so the
+        access log never carries text a client made up."""
+        found = peer
+        for entry in reversed(xff.split(b",")):
+            try:
+                addr = ipaddress.ip_address(entry.strip().decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                return found
+            found = str(addr).encode()
+            if not any(addr in net for net in snap.trusted):
+                return found
+        return found
+
     def dispatch(self, req: Request, client: ClientConnection) -> None:
         """Send `req` to an endpoint of its bound upstream."""
         binding = req.binding
         if binding is None:
             client.respond_error(req, 404 if not req.route else 503)
             return
+        # An ejected canary still gets its first attempts (panic mode): diverting them to the
+        # baseline would hide its errors from the rollout analysis. Retries fail over instead.
         pool = binding.upstream.balancer.pick(self.loop.time())
         if pool is None:
             client.respond_error(req, 503)
@@ -246,37 +266,47 @@ class DataPlane(DataPlaneLike):
         """Try another endpoint (or, for the canary, the baseline) if that is safe and in budget.
 
         A request that failed on a pooled connection (`reused`) may also go to the same endpoint
-        over a new connection: the old one most likely went stale while idle."""
+        over a new connection: the old one most likely went stale while idle.
+
+        `retries.attempts` is the number of retries per request (0: none at all). A request being
+        retried counts once against the budget (`retrying`) until it finishes. A canary request
+        failing over to its baseline is not held back by the budget: that load is bounded by the
+        canary's share, and a dead canary must not cost users errors."""
         if req.status or req.body_forwarded or req.binding is None:
             return False
         snap = req.snapshot
         cfg = snap.config.retries
-        if req.attempts > cfg.attempts:
+        if req.retries >= cfg.attempts:
             return False
         if req.attempts and kind != KIND_CONNECT and req.method not in H.IDEMPOTENT:
-            return False  # the request may have reached the application
-        budget = max(cfg.min_concurrent, self.stats.in_flight * cfg.budget_percent / 100)
-        if self.retrying >= budget:
-            return False
+            return False  # the request was sent: it may have reached the application
         upstream = req.binding.upstream
-        pool = upstream.balancer.pick(self.loop.time(), exclude=req.pool)
+        now = self.loop.time()
+        pool = upstream.balancer.pick(now, exclude=req.pool)
         fresh = False
-        if pool is None and reused and req.pool is not None:
-            pool, fresh = req.pool, True
-        if pool is None or pool.ejected_until > self.loop.time():
+        fallback = None
+        if pool is None or pool.ejected_until > now:
+            # No other healthy endpoint: the canary's baseline, else (a stale pooled connection)
+            # the same endpoint over a new connection. The baseline comes first: when the canary
+            # process died, its pooled connections are all "stale" and a new one is refused.
             fallback = snap.fallback.get(upstream.name)
-            if fallback is None:
+            pool = fallback.balancer.pick(now) if fallback is not None else None
+            if pool is None:
+                fallback = None
+                if not reused or req.pool is None:
+                    return False
+                pool, fresh = req.pool, True
+        if not req.retries and fallback is None:
+            budget = max(cfg.min_concurrent, self.stats.in_flight * cfg.budget_percent / 100)
+            if self.retrying >= budget:
                 return False
+        if fallback is not None:
             req.binding = Binding(fallback, self.stats.route_counts_for(req.route, fallback.name))
             upstream = fallback
-            pool = fallback.balancer.pick(self.loop.time())
-            if pool is None:
-                return False
-        if not req.attempts:
-            req.attempts = 1  # a connect failure is an attempt too
-        self.retrying += 1
+        if not req.retries:
+            self.retrying += 1
+        req.retries += 1
         req.failed = False
-        req.attempts += 1
         self.stats.retries[upstream.name] = self.stats.retries.get(upstream.name, 0) + 1
         self._send(req, client, pool, fresh)
         return True
@@ -285,7 +315,7 @@ class DataPlane(DataPlaneLike):
         """Record a finished exchange (response written, or the client gone)."""
         stats = self.stats
         stats.in_flight -= 1
-        if req.attempts > 1:
+        if req.retries:
             self.retrying -= 1
         status = req.status
         binding = req.binding
@@ -336,6 +366,8 @@ class DataPlane(DataPlaneLike):
                     c.on_timeout(now)
                 elif c.write_blocked_at and now - c.write_blocked_at > send_timeout:
                     c.abort()
+                elif c.paused and c.current is not None:
+                    c.check_gone()
             for u in list(self.upstream_conns):
                 if u.deadline and u.deadline <= now:
                     u.deadline = 0.0

@@ -57,6 +57,7 @@ class ProxyCollector:
         yield _durations(stats.upstreams)
         yield _errors(stats.upstreams)
         yield _weights(app)
+        yield _ejected(app)
         yield from _rollout(app)
         reloads = CounterMetricFamily(
             "canary_proxy_config_reloads", "Config reloads by result.", labels=["result"]
@@ -240,3 +241,20 @@ def current_state(app: ProxyApp) -> RolloutState | None:
     if app.plane is not None:
         return app.plane.snapshot.rollout_state
     return None
+
+
+def _ejected(app: ProxyApp) -> GaugeMetricFamily:
+    """Which endpoints outlier detection has ejected right now (endpoints come from config)."""
+    family = GaugeMetricFamily(
+        "canary_proxy_endpoint_ejected",
+        "1 while outlier detection has ejected the endpoint, else 0.",
+        labels=["upstream", "endpoint"],
+    )
+    plane = app.plane
+    if plane is None:
+        return family
+    now = plane.loop_time()
+    for name, target in plane.snapshot.upstreams.items():
+        for pool in target.balancer.pools:
+            family.add_metric([name, pool.endpoint.key], 1.0 if pool.ejected_until > now else 0.0)
+    return family

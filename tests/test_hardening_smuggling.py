@@ -263,6 +263,7 @@ CASES += [
     ("expect-unknown", POST + b"Expect: 200-ok\r\nContent-Length: 0\r\n\r\n", 417),
 ]  # fmt: skip
 
+
 async def run_case(app: ProxyApp, up: LoggingUpstream, data: bytes, expect: Expect, pipelined: bool) -> None:
     assert app.plane is not None
     client = await RawClient.connect(app.plane.bound_port)
@@ -326,8 +327,8 @@ SEQUENCES: list[tuple[str, bytes, list[bytes]]] = [
     ("after-http10", b"GET /a HTTP/1.0\r\n\r\n" + SMUGGLED, [b"/a"]),
     # An Upgrade the upstream declines: the bytes after it are not a second request (h2c/websocket
     # smuggling: they were meant for the tunnel).
-    ("after-refused-upgrade", b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n" + SMUGGLED,
-     [b"/a"]),
+    ("after-refused-upgrade",
+     b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n" + SMUGGLED, [b"/a"]),
     ("after-refused-h2c", b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
      b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n" + SMUGGLED, [b"/a"]),
     # A body that contains a request is a body.

@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conftest import RawClient, RawUpstream, config_text, read_request, wait_until
+from conftest import RawClient, RawMessage, RawUpstream, config_text, read_request, wait_until
 
 from proxy.app import ProxyApp
 
@@ -35,7 +35,6 @@ BAD_RESPONSES: list[tuple[str, bytes]] = [
     ("content-length-hex", b"HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\nLEAK1"),
     ("cl-and-te", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nLEAK1\r\n0\r\n\r\n"),
     ("te-and-cl", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nLEAK1\r\n0\r\n\r\n"),
-    ("te-chunked-identity", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nLEAK1\r\n0\r\n\r\n"),
     ("obs-fold", b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 5\r\n\r\nLEAK1"),
     ("space-before-colon", b"HTTP/1.1 200 OK\r\nContent-Length : 5\r\n\r\nLEAK1"),
     ("no-colon", b"HTTP/1.1 200 OK\r\nNoColon\r\nContent-Length: 5\r\n\r\nLEAK1"),
@@ -43,12 +42,33 @@ BAD_RESPONSES: list[tuple[str, bytes]] = [
     ("ctl-in-value", b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 5\r\n\r\nLEAK1"),
     ("bad-chunk-size-first", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nLEAK1\r\n0\r\n\r\n"),
     ("1xx-then-garbage", b"HTTP/1.1 100 Continue\r\n\r\nLEAK1 garbage\r\n\r\n"),
-    ("1xx-then-bad-status", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 700 No\r\nContent-Length: 5\r\n\r\nLEAK1"),
+    ("1xx-then-bad-status",
+     b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 700 No\r\nContent-Length: 5\r\n\r\nLEAK1"),
     ("101-unasked", b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: LEAK1\r\n\r\nLEAK1"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("response", [c[1] for c in BAD_RESPONSES], ids=[c[0] for c in BAD_RESPONSES])
+# A transfer coding other than a lone `chunked` cannot be re-framed: it should be a 502 too. The check
+# belongs in proxy/http1/upstream.py (UpstreamConnection.on_header, R_TE); until it lands this fails.
+CASES = [pytest.param(c[1], id=c[0]) for c in BAD_RESPONSES] + [
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nLEAK1\r\n0\r\n\r\n",
+        id="te-chunked-identity",
+    ),
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nLEAK1", id="te-gzip"),
+]
+
+
+async def final_response(client: RawClient) -> RawMessage:
+    """Send a GET; skip well-formed interim responses (they may pass before the failure)."""
+    await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    resp = await client.response()
+    while 100 <= resp.status < 200:
+        resp = await client.response()
+    return resp
+
+
+@pytest.mark.parametrize("response", CASES)
 async def test_bad_upstream_response_is_502_and_nothing_leaks(
     response: bytes, raw_upstream: RawFactory, proxy_factory: ProxyFactory
 ) -> None:
@@ -59,20 +79,18 @@ async def test_bad_upstream_response_is_502_and_nothing_leaks(
         await reader.read()
 
     up = await raw_upstream(handler)
-    app = await proxy_factory(config_text(up.url, up.url, extra="retries: {attempts: 0}\n"))
+    extra = "retries: {attempts: 0}\ntimeouts: {response: 1s}\n"
+    app = await proxy_factory(config_text(up.url, up.url, extra=extra))
     assert app.plane is not None
     client = await RawClient.connect(app.plane.bound_port)
-    await client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
-    resp = await client.response()
-    while 100 <= resp.status < 200:  # a well-formed interim response may pass before the failure
-        resp = await client.response()
+    resp = await final_response(client)
     rest = await client.at_eof() if resp.get("connection") == [b"close"] else b""
     assert resp.status == 502, resp.raw
     assert resp.body == b"502 Bad Gateway\n"
     assert b"LEAK1" not in resp.raw + rest
     # The process keeps serving: the same client connection (or a new one) gets the next answer.
     if resp.get("connection") != [b"close"]:
-        again = await client.request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        again = await final_response(client)
         assert again.status == 502
     client.close()
     assert app.plane.stats.upstreams["stable"].errors[3] >= 1  # counted as a protocol error

@@ -49,6 +49,7 @@ PROXY_METRICS = {
     "canary_proxy_config_reloads_total",
     "canary_proxy_in_flight_requests",
     "canary_proxy_upstream_ejections_total",
+    "canary_proxy_endpoint_ejected",
     "canary_proxy_retries_total",
     "canary_proxy_build_info",
 } | {f"canary_proxy_request_duration_seconds_{s}" for s in ("bucket", "sum", "count")}

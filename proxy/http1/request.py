@@ -41,6 +41,7 @@ class Request:
         "pool",
         "query",
         "reqid",
+        "retries",
         "rhdrs",
         "route",
         "sent",
@@ -92,7 +93,8 @@ class Request:
         self.status = 0
         self.sent = 0
         self.framing = F_NONE
-        self.attempts = 0
+        self.attempts = 0  # times the request was written to an upstream connection
+        self.retries = 0
         self.pool: EndpointPool | None = None
         self.hsize = 0
         self.nheaders = 0

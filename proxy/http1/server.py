@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING, cast
@@ -29,8 +30,11 @@ log = logging.getLogger("canary_proxy.http")
 # Why client reading is paused (bitmask): waiting for a pipelined turn, upstream write buffer full,
 # or waiting for an upstream connection.
 P_PIPELINE, P_UPLOAD, P_CONNECT = 1, 2, 4
+P_TUNNEL = 8  # after an Upgrade request, until the upstream's answer: bytes for the tunnel wait
 # What the client deadline means.
-D_NONE, D_HEADER, D_IDLE, D_BODY = range(4)
+D_NONE, D_HEADER, D_IDLE, D_BODY, D_LINGER = range(5)
+# After an error response: how long we keep reading (and discarding) before the final close.
+LINGER = 2.0
 
 
 class Reject(Exception):
@@ -63,10 +67,17 @@ class ClientConnection(asyncio.Protocol):
         self.served = 0
         # Response bytes produced while the upstream's data is parsed, written in one call after.
         self.wbuf: list[bytes] = []
+        # Where the current response's head sits in `wbuf` while it is still unsent: an upstream
+        # error found later in the same read can then become a clean 502 instead of a truncation.
+        self.head_buf: list[bytes] | None = None
+        self.head_at = 0
         # Request bytes produced while the client's data is parsed (see data_received).
         self.feeding = False
         self.ubuf: list[bytes] = []
         self.ubuf_t: asyncio.Transport | None = None
+        # Bytes of reads that made no parsing progress (the parser buffers an unfinished header
+        # name/value itself and reports it only once complete): bounded by max_header_size.
+        self.quiet = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -127,6 +138,8 @@ class ClientConnection(asyncio.Protocol):
             if self.current is not None and self.current.upgrade is not None:
                 self.early.append(data)
             return
+        req = self.req
+        mark = req.nheaders + req.body_bytes + len(req.target) if req is not None else -1
         # Upstream-bound bytes are collected while this read is parsed and written after it, so
         # that nothing of a read that turns out malformed is forwarded (and writes are batched).
         self.feeding = True
@@ -134,6 +147,7 @@ class ClientConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.dead = True
+            self.pause_reading_for(P_TUNNEL)
             rest = data[exc.args[0] :] if exc.args else b""
             if rest:
                 self.early.append(rest)
@@ -152,6 +166,14 @@ class ClientConnection(asyncio.Protocol):
             self.feeding = False
         if self.ubuf:
             self.flush_upstream()
+        req = self.req
+        if req is None or self.dead or req.nheaders + req.body_bytes + len(req.target) != mark:
+            self.quiet = 0  # progress (or nothing left to parse)
+        else:
+            self.quiet += len(data)
+            if self.quiet > req.snapshot.config.limits.max_header_size:
+                self._drop_pending()
+                self.bad_request(400 if req.t0 else 431)  # an endless header, trailer or chunk line
 
     def _drop_pending(self) -> None:
         """The request being parsed is malformed: if it is the one being proxied, forget the
@@ -197,13 +219,13 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
-        if req.t0:
-            return  # a trailer after a chunked body: not forwarded (we re-frame the body)
         limits = req.snapshot.config.limits
         req.nheaders += 1
         req.hsize += len(name) + len(value) + 4
         if req.nheaders > limits.max_headers or req.hsize > limits.max_header_size:
-            raise Reject(431)
+            raise Reject(431)  # trailers count too: they are buffered by the parser all the same
+        if req.t0:
+            return  # a trailer after a chunked body: not forwarded (we re-frame the body)
         lname = name.lower()
         if lname in req.snapshot.route_headers:
             old = req.rhdrs.get(lname)
@@ -413,6 +435,9 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if req is None or transport is None:
             return
+        if not 100 <= status <= 599:  # llhttp takes any three digits; the client must never see them
+            self.upstream_protocol_error(conn, f"status {status} out of range")
+            return
         req.status = status
         keep = req.keep_alive and req.complete and not self.plane.draining
         lines = conn.filtered_lines()
@@ -448,6 +473,7 @@ class ClientConnection(asyncio.Protocol):
             extra += b"Connection: close\r\n"
         elif req.version10:
             extra += b"Connection: keep-alive\r\n"
+        self.head_buf, self.head_at = self.wbuf, len(self.wbuf)
         self.wbuf.append(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, conn.reason, b"".join(lines), extra))
         if req.framing == F_NONE and req.method == b"HEAD":
             # llhttp would wait for a HEAD response's announced body: finish here, parse afresh.
@@ -498,7 +524,10 @@ class ClientConnection(asyncio.Protocol):
         self.served += 1
         self.plane.finish(req, aborted=False)
         if not req.keep_alive or (self.dead and not self.queue):
-            self.close()
+            if req.error:
+                self.linger()
+            else:
+                self.close()
             return
         if self.queue:
             self.plane.loop.call_soon(self._next_in_line)
@@ -596,6 +625,12 @@ class ClientConnection(asyncio.Protocol):
         log.warning("upstream %s:%d sent an invalid response: %s", conn.pool.host, conn.pool.port, why)
         self.plane.upstream_error(req, self, KIND_PROTOCOL)
         self.upstream = None
+        if req.status and self.head_buf is self.wbuf:
+            # The head was parsed in this very read and is not sent yet: take it back.
+            del self.wbuf[self.head_at :]
+            self.head_buf = None
+            req.status = req.sent = 0
+            req.framing = F_NONE
         if req.status:
             self.abort()
         else:
@@ -605,6 +640,8 @@ class ClientConnection(asyncio.Protocol):
         """The sweeper found our deadline passed."""
         if self.dkind == D_IDLE:
             self.close()
+        elif self.dkind == D_LINGER:
+            self.abort()
         elif self.dkind == D_HEADER:
             if self.req is not None and self.current is None:
                 self.dead = True
@@ -620,6 +657,7 @@ class ClientConnection(asyncio.Protocol):
                 up.client = None
                 up.abort()
                 cur.keep_alive = False
+                cur.error = 408
                 self.respond_error(cur, 408)
             else:
                 self.abort()
@@ -670,6 +708,41 @@ class ClientConnection(asyncio.Protocol):
             self.paused &= ~reason
             if not self.paused and self.transport is not None:
                 self.transport.resume_reading()
+
+    def check_gone(self) -> None:
+        """Reading is paused (pipelining, backpressure, connecting), so a FIN or RST from the client
+        goes unseen: peek at the socket (called by the sweeper, never per request)."""
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is None:
+            return
+        probe = socket.socket(sock.family, sock.type, fileno=sock.fileno())
+        try:
+            data = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # nothing to read: still there
+        except OSError:
+            data = b""  # reset
+        finally:
+            probe.detach()
+        if not data:
+            self.abort()  # gone: connection_lost() aborts its upstream work too
+
+    def linger(self) -> None:
+        """Close after an error response, gently: half-close, then read and discard what the client
+        is still sending until it closes or LINGER passes. Closing with unread input makes the
+        kernel send a RST, and the client could lose the error response we just wrote."""
+        self.dead = True
+        self.flush()
+        t = self.transport
+        if t is None or not t.can_write_eof():
+            self.close()
+            return
+        t.write_eof()
+        self.paused = 0
+        t.resume_reading()  # data_received() drops everything: the parser is dead
+        self.deadline = self.plane.loop_time() + LINGER
+        self.dkind = D_LINGER
 
     def close(self) -> None:
         self.dead = True

@@ -118,6 +118,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.content_length = int(value)
             self.lines.append(b"Content-Length: " + value + b"\r\n")
         elif kind == R_TE:
+            if self.chunked or value.strip().lower() != b"chunked":
+                raise ValueError("unsupported or repeated Transfer-Encoding")  # -> protocol error, 502
             self.chunked = True
         elif kind == R_CONNECTION:
             simple = _SIMPLE_CONNECTION.get(value)  # "keep-alive" / "close": nearly every response
