@@ -24,7 +24,7 @@ log = logging.getLogger("canary_proxy.reload")
 logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every event at INFO
 
 DEBOUNCE = 0.1  # seconds of quiet before reloading after a burst of events
-POLL_EVERY = 2.0  # safety net
+POLL_EVERY = 0.5  # safety net for missed events: hashing a small file twice a second is cheap
 RETRY_WATCH = 1.0  # seconds before watching again after the watch failed
 
 ReloadFn = Callable[[str], Awaitable[tuple[bool, str]]]
