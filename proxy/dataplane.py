@@ -254,13 +254,14 @@ class DataPlane(DataPlaneLike):
         us.errors[kind] += 1
         us.observe(time.time(), time.monotonic() - req.t0, True)
         req.failed = True
-        pool = req.pool
-        if pool is not None and pool.record_failure(req.snapshot.config.outlier_detection, now):
-            name = binding.upstream.name
-            self.stats.ejections[name] = self.stats.ejections.get(name, 0) + 1
-            log.warning(
-                "endpoint %s of %s ejected for %.0fs", pool.endpoint.key, name, pool.ejected_until - now
-            )
+        if req.pool is not None:
+            self._endpoint_failed(req, binding.upstream.name, req.pool, now)
+
+    def _endpoint_failed(self, req: Request, upstream: str, pool: EndpointPool, now: float) -> None:
+        """Outlier detection: count a failure (connect/reset/timeout or a 5xx) against an endpoint."""
+        if pool.record_failure(req.snapshot.config.outlier_detection, now):
+            self.stats.ejections[upstream] = self.stats.ejections.get(upstream, 0) + 1
+            log.warning("endpoint %s of %s ejected for %.0fs", pool.endpoint.key, upstream, pool.ejected_until - now)
 
     def retry(self, req: Request, client: ClientConnection, kind: int, reused: bool = False) -> bool:
         """Try another endpoint (or, for the canary, the baseline) if that is safe and in budget.
@@ -327,7 +328,7 @@ class DataPlane(DataPlaneLike):
                 pool = req.pool
                 if pool is not None:
                     if status >= 500:
-                        pool.record_failure(req.snapshot.config.outlier_detection, self.loop.time())
+                        self._endpoint_failed(req, binding.upstream.name, pool, self.loop.time())
                     else:
                         pool.consecutive_failures = 0
         elif status:
