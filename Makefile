@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup system-deps demo test lint bench bench-quick rollback-time clean
+.PHONY: setup native system-deps demo test lint bench bench-quick rollback-time clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -11,8 +11,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Python environment: .venv with the package (editable) and the dev tools.
-setup: $(VENV)/.installed
+# Python environment: .venv with the package (editable) and the dev tools, hot path compiled.
+setup: $(VENV)/.installed native
+
+# Compile the hot path with mypyc when its sources changed since the last build (about 20 s).
+# Without a C compiler this only warns: the same code then runs as pure Python, slower.
+native: $(VENV)/.installed
+	$(PYTHON) -m proxy.build_native --optional --if-stale
 
 # Debian tools the tests and benchmarks drive: nginx, wrk, hey, promtool, chromium (apt, when missing).
 system-deps:
@@ -28,7 +33,7 @@ lint: setup
 	$(VENV)/bin/hadolint Dockerfile
 
 # The whole test suite (what CI runs).
-test: setup system-deps lint
+test: system-deps setup lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 # Full comparison with nginx: 3 rounds x 10 s per scenario, 1 GiB transfers, 10k idle connections.
@@ -45,3 +50,4 @@ rollback-time: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache loadtests/.work
+	find proxy -name '*.so' -delete; rm -f proxy/.native-stamp

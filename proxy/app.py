@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import IO
 
-from proxy import __version__
+from proxy import __version__, native
 from proxy.accesslog import AccessLogger
 from proxy.admin import AdminServer
 from proxy.analysis.controller import RolloutController
@@ -98,13 +98,14 @@ class ProxyApp:
             self.watcher = ConfigWatcher(self.config.source_path, self.reload, known=self.config.source_hash)
             self.watcher.start()
         log.info(
-            "canary-proxy %s listening on %s:%d (admin %s), config %s hash %s",
+            "canary-proxy %s listening on %s:%d (admin %s), config %s hash %s, hot path %s",
             __version__,
             self.config.listen.host,
             self.plane.bound_port,
             self.config.admin,
             self.config.source_path or "<inline>",
             self.config.source_hash,
+            native.state(),
         )
 
     def _state(self) -> RolloutState | None:

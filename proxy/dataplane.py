@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from proxy.accesslog import AccessLogger
 from proxy.compile import Binding, Snapshot
@@ -41,7 +42,7 @@ class DataPlane(DataPlaneLike):
     ) -> None:
         self.stats = stats
         self.loop = loop
-        self.loop_time = loop.time  # type: ignore[method-assign]
+        self.loop_time = loop.time
         self.rng = rng
         self.pools = PoolRegistry(self)
         self.clients: set[ClientConnection] = set()
@@ -74,7 +75,8 @@ class DataPlane(DataPlaneLike):
     @property
     def bound_port(self) -> int:
         assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
+        server: Any = self.server  # uvloop's `sockets` is a list where typeshed says tuple (mypyc checks)
+        port: int = server.sockets[0].getsockname()[1]
         return port
 
     def swap(self, snapshot: Snapshot) -> None:

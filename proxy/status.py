@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from proxy import __version__
+from proxy import __version__, native
 from proxy.analysis.rollout import canary_weight
 from proxy.analysis.window import WindowStats
 from proxy.metrics import current_state
@@ -27,6 +27,7 @@ def build_status(app: ProxyApp) -> dict[str, Any]:
     config = app.config
     return {
         "version": __version__,
+        "hot_path": native.state(),
         "draining": app.draining,
         "now": now,
         "config": {

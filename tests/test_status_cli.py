@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from conftest import ROOT, Upstream, config_text, free_port
 
+from proxy import native
 from proxy.app import ProxyApp
 from proxy.cli import main
 from proxy.cli_admin import describe_rollout, format_status
@@ -56,7 +57,8 @@ async def send(app: ProxyApp, n: int, **headers: str) -> None:
 async def test_status_shape(app: ProxyApp) -> None:
     await send(app, 4, **{"user-type": "beta-tester"})
     doc = build_status(app)
-    assert set(doc) == {"version", "draining", "now", "config", "upstreams", "routes", "rollout", "events"}
+    assert set(doc) == {"version", "hot_path", "draining", "now", "config", "upstreams", "routes", "rollout", "events"}
+    assert doc["hot_path"] == native.state()
     assert doc["version"] == "0.1.0" and doc["draining"] is False
     assert set(doc["config"]) == {"hash", "path", "loaded_at", "last_error", "last_error_at"}
     assert doc["config"]["hash"] == app.config.source_hash and doc["config"]["path"] == app.config.source_path

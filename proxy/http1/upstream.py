@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -295,9 +296,7 @@ class DataPlaneLike:
     """What pools need from the data plane (kept tiny to avoid an import cycle)."""
 
     upstream_conns: set[UpstreamConnection]
-
-    def loop_time(self) -> float:
-        raise NotImplementedError
+    loop_time: Callable[[], float]  # the event loop's clock
 
 
 class PoolRegistry:
