@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -107,6 +108,10 @@ class ProxyApp:
             self.config.source_hash,
             native.state(),
         )
+        # What is loaded by now (modules, aiohttp, metrics) lives as long as the process: keep it out
+        # of the cyclic GC's full collections, which stalled the loop for 26 ms under load. Not
+        # repeated on reload: frozen objects in a cycle would never be freed.
+        gc.freeze()
 
     def _state(self) -> RolloutState | None:
         if self.controller is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import itertools
 import logging
 import os
 import random
@@ -52,9 +51,12 @@ class DataPlane(DataPlaneLike):
         self.server: asyncio.Server | None = None
         self.access_log: AccessLogger | None = None
         self.retrying = 0
-        self._ids = itertools.count(1)
-        self._id_prefix = os.urandom(4).hex().encode()
+        self._last_id = 0
+        self._id_prefix = os.urandom(4).hex().encode() + b"-"
         self._sweeper: asyncio.Task[None] | None = None
+        # time.time() - time.monotonic(), refreshed by the sweeper: wall-clock stamps for the
+        # analysis windows without a second clock read per request.
+        self.wall_offset = time.time() - time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -158,27 +160,33 @@ class DataPlane(DataPlaneLike):
         proto = req.xfproto if trusted and req.xfproto else b"http"
         fhost = req.xfhost if trusted and req.xfhost else req.host
         if req.reqid is None:
-            req.reqid = b"%s-%x" % (self._id_prefix, next(self._ids))
+            self._last_id += 1
+            req.reqid = self._id_prefix + b"%x" % self._last_id
         if req.te is not None:
             framing = b"Transfer-Encoding: chunked\r\n"
         elif req.clen >= 0:
             framing = b"Content-Length: %d\r\n" % req.clen
         else:
             framing = b""
+        # One concatenation chain: compiled, it is a single allocation (no format parsing).
         return (
-            b"%s %s HTTP/1.1\r\n%s%s%s"
-            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n%s%sX-Request-Id: %s\r\n\r\n"
-        ) % (
-            req.method,
-            req.target,
-            b"".join(lines),
-            framing,
-            upgrade,
-            xff,
-            proto,
-            b"X-Forwarded-Host: " + fhost + b"\r\n" if fhost else b"",
-            b"Via: 1.0 canary-proxy\r\n" if req.version10 else H.VIA_LINE,
-            req.reqid,
+            req.method
+            + b" "
+            + req.target
+            + b" HTTP/1.1\r\n"
+            + b"".join(lines)
+            + framing
+            + upgrade
+            + b"X-Forwarded-For: "
+            + xff
+            + b"\r\nX-Forwarded-Proto: "
+            + proto
+            + b"\r\n"
+            + (b"X-Forwarded-Host: " + fhost + b"\r\n" if fhost else b"")
+            + (b"Via: 1.0 canary-proxy\r\n" if req.version10 else H.VIA_LINE)
+            + b"X-Request-Id: "
+            + req.reqid
+            + b"\r\n\r\n"
         )
 
     @staticmethod
@@ -213,7 +221,7 @@ class DataPlane(DataPlaneLike):
             return
         # An ejected canary still gets its first attempts (panic mode): diverting them to the
         # baseline would hide its errors from the rollout analysis. Retries fail over instead.
-        pool = binding.upstream.balancer.pick(self.loop.time())
+        pool = binding.upstream.balancer.pick(req.t0)  # monotonic(): the loop clock's origin
         if pool is None:
             client.respond_error(req, 503)
             return
@@ -326,7 +334,7 @@ class DataPlane(DataPlaneLike):
         if binding is not None and status:
             binding.counts.by_class[status // 100] += 1
             if not req.failed and not aborted:
-                binding.upstream.stats.observe(time.time(), now - req.t0, req.snapshot.is_error[status])
+                binding.upstream.stats.observe(now + self.wall_offset, now - req.t0, req.snapshot.is_error[status])
                 pool = req.pool
                 if pool is not None:
                     if status >= 500:
@@ -362,6 +370,7 @@ class DataPlane(DataPlaneLike):
         """Enforce deadlines without a timer per request: a coarse periodic scan."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            self.wall_offset = time.time() - time.monotonic()
             now = self.loop.time()
             send_timeout = self.snapshot.config.timeouts.send
             for c in list(self.clients):

@@ -52,6 +52,9 @@ UNDERSCORE_ALIASES: dict[bytes, int] = {
     if b"-" in name
 }
 
+# `HTTP/1.1 200 ` for every status a response may carry (the reason phrase is the upstream's).
+STATUS_PREFIX: dict[int, bytes] = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
+
 # Larger than any real body, and past what int64 or float-based upstreams parse exactly.
 MAX_CONTENT_LENGTH = 1 << 53
 
@@ -75,6 +78,40 @@ RESPONSE_SPECIAL: dict[bytes, int] = {
     b"content-length": R_CL,
     b"upgrade": R_UPGRADE,
     b"x-request-id": R_REQID,
+}
+
+R_PLAIN = 0
+
+
+def _spellings(name: bytes) -> tuple[bytes, ...]:
+    """How a lower-case header name is usually written: as is, Title-Case, and upper case."""
+    title = b"-".join(part.capitalize() for part in name.split(b"-"))
+    return tuple(dict.fromkeys((name, title, name.upper())))
+
+
+# Common header names as sent, mapped to what the lower-casing lookups above would find: most
+# headers then cost one dict lookup and no `lower()`. Names not listed take the general path.
+_COMMON_REQUEST = (
+    b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"cookie", b"referer", b"origin",
+    b"authorization", b"cache-control", b"content-type", b"if-none-match", b"if-modified-since", b"pragma",
+    b"priority", b"dnt", b"range", b"x-user-id", b"x-canary", b"sec-fetch-site", b"sec-fetch-mode",
+    b"sec-fetch-dest", b"sec-fetch-user", b"upgrade-insecure-requests", b"x-requested-with",
+)  # fmt: skip
+_COMMON_RESPONSE = (
+    b"server", b"date", b"content-type", b"cache-control", b"etag", b"last-modified", b"vary", b"set-cookie",
+    b"expires", b"accept-ranges", b"location", b"content-encoding", b"age", b"access-control-allow-origin",
+    b"strict-transport-security", b"x-content-type-options", b"x-frame-options", b"content-security-policy",
+)  # fmt: skip
+
+REQUEST_EXACT: dict[bytes, tuple[int, bytes]] = {
+    spelled: (kind, lname)
+    for lname, kind in [*((n, H_PLAIN) for n in _COMMON_REQUEST), *REQUEST_SPECIAL.items()]
+    for spelled in _spellings(lname)
+}
+RESPONSE_EXACT: dict[bytes, int] = {
+    spelled: kind
+    for lname, kind in [*((n, R_PLAIN) for n in _COMMON_RESPONSE), *RESPONSE_SPECIAL.items()]
+    for spelled in _spellings(lname)
 }
 
 # Headers a client can never remove by naming them in Connection: we rebuild them ourselves.

@@ -48,6 +48,10 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
         self.timeouts: Timeouts = plane.snapshot.config.timeouts
+        # Limits and names the header callback needs, read from the request's snapshot once.
+        self.max_headers = 0
+        self.max_header_size = 0
+        self.route_headers: frozenset[bytes] = frozenset()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = b""
@@ -204,7 +208,11 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.req = req = Request(self.plane.snapshot)
         req.peer = self.peer
-        self.timeouts = req.snapshot.config.timeouts
+        config = req.snapshot.config
+        self.timeouts = config.timeouts
+        self.max_headers = config.limits.max_headers
+        self.max_header_size = config.limits.max_header_size
+        self.route_headers = req.snapshot.route_headers
         if self.dkind == D_IDLE:
             self.deadline = self.plane.loop_time() + self.timeouts.client_header
             self.dkind = D_HEADER
@@ -219,25 +227,28 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
         assert req is not None
-        limits = req.snapshot.config.limits
         req.nheaders += 1
         req.hsize += len(name) + len(value) + 4
-        if req.nheaders > limits.max_headers or req.hsize > limits.max_header_size:
+        if req.nheaders > self.max_headers or req.hsize > self.max_header_size:
             raise Reject(431)  # trailers count too: they are buffered by the parser all the same
         if req.t0:
             return  # a trailer after a chunked body: not forwarded (we re-frame the body)
-        lname = name.lower()
-        if lname in req.snapshot.route_headers:
+        known = H.REQUEST_EXACT.get(name)
+        if known is not None:
+            kind, lname = known
+        else:
+            lname = name.lower()
+            kind = H.REQUEST_SPECIAL.get(lname, H.H_PLAIN)
+        if lname in self.route_headers:
             old = req.rhdrs.get(lname)
             # Repeats are joined like one list-valued header; cookie pairs are `;`-separated.
             req.rhdrs[lname] = value if old is None else old + (b"; " if lname == b"cookie" else b", ") + value
-        kind = H.REQUEST_SPECIAL.get(lname)
-        if kind is None:
-            if b"_" in lname:
-                kind = H.UNDERSCORE_ALIASES.get(lname.replace(b"-", b"_"))
-                if kind is not None:
-                    if kind == H.H_BAD:
-                        raise Reject(400)
+        if kind == H.H_PLAIN:
+            if known is None and b"_" in lname:
+                alias = H.UNDERSCORE_ALIASES.get(lname.replace(b"-", b"_"))
+                if alias == H.H_BAD:
+                    raise Reject(400)
+                if alias is not None:
                     return  # an alias of a header we set or drop ourselves
             req.lines.append(name + b": " + value + b"\r\n")
         elif kind == H.H_CL:
@@ -279,16 +290,21 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         assert req is not None
         plane = self.plane
-        now = plane.loop_time()
-        req.t0 = monotonic()  # loop.time() is only ms-precise and cached per iteration
+        # The loop's clock is only ms-precise (and cached per iteration); it counts from the same
+        # origin as monotonic(), so `now` serves the deadlines too.
+        now = req.t0 = monotonic()
         parser = self.parser
-        version = parser.get_http_version()
-        if version != "1.1":
-            if version != "1.0":
-                raise Reject(505)
-            req.version10 = True
+        keep_alive = parser.should_keep_alive()
+        # Keep-alive without a Connection header can only be HTTP/1.1 (1.0 needs `keep-alive`):
+        # the version string (built on each call) is only needed otherwise.
+        if not keep_alive or req.conn_tokens is not None:
+            version = parser.get_http_version()
+            if version != "1.1":
+                if version != "1.0":
+                    raise Reject(505)
+                req.version10 = True
         req.method = parser.get_method()
-        req.keep_alive = parser.should_keep_alive() and not plane.draining
+        req.keep_alive = keep_alive and not plane.draining
         self._validate(req)
         req.max_body = plane.route_and_limit(req, self)
         if req.clen >= 0:
@@ -474,7 +490,7 @@ class ClientConnection(asyncio.Protocol):
         elif req.version10:
             extra += b"Connection: keep-alive\r\n"
         self.head_buf, self.head_at = self.wbuf, len(self.wbuf)
-        self.wbuf.append(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, conn.reason, b"".join(lines), extra))
+        self.wbuf.append(H.STATUS_PREFIX[status] + conn.reason + b"\r\n" + b"".join(lines) + extra + b"\r\n")
         if req.framing == F_NONE and req.method == b"HEAD":
             # llhttp would wait for a HEAD response's announced body: finish here, parse afresh.
             keep_upstream = conn.head_keep_alive()

@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from proxy.config.model import Endpoint, OutlierDetection
-from proxy.http1.headers import R_CL, R_CONNECTION, R_REQID, R_TE, R_UPGRADE, RESPONSE_SPECIAL
+from proxy.http1.headers import (
+    R_CL,
+    R_CONNECTION,
+    R_PLAIN,
+    R_REQID,
+    R_TE,
+    R_UPGRADE,
+    RESPONSE_EXACT,
+    RESPONSE_SPECIAL,
+)
 
 if TYPE_CHECKING:
     from proxy.http1.server import ClientConnection
@@ -110,9 +119,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.started:
             return  # trailers: dropped (we re-frame the body)
-        lname = name.lower()
-        kind = RESPONSE_SPECIAL.get(lname)
+        kind = RESPONSE_EXACT.get(name)
         if kind is None:
+            kind = RESPONSE_SPECIAL.get(name.lower(), R_PLAIN)
+        if kind == R_PLAIN:
             self.lines.append(name + b": " + value + b"\r\n")
             return
         if kind == R_CL:
