@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
-VIA_TOKEN = b"canary-proxy"
-VIA_LINE = b"Via: 1.1 canary-proxy\r\n"
+VIA_TOKEN: Final = b"canary-proxy"
+VIA_LINE: Final = b"Via: 1.1 canary-proxy\r\n"
 
 # Request header names the client leg treats specially (lower-cased) -> kind code.
-H_PLAIN = 0
-H_HOP = 1  # dropped: RFC 9110 7.6.1 hop-by-hop
-H_CONNECTION = 2
-H_TE = 3  # Transfer-Encoding
-H_CL = 4
-H_HOST = 5
-H_XFF = 6
-H_XFPROTO = 7
-H_XFHOST = 8
-H_VIA = 9
-H_REQID = 10
-H_EXPECT = 11
-H_UPGRADE = 12
+H_PLAIN: Final = 0
+H_HOP: Final = 1  # dropped: RFC 9110 7.6.1 hop-by-hop
+H_CONNECTION: Final = 2
+H_TE: Final = 3  # Transfer-Encoding
+H_CL: Final = 4
+H_HOST: Final = 5
+H_XFF: Final = 6
+H_XFPROTO: Final = 7
+H_XFHOST: Final = 8
+H_VIA: Final = 9
+H_REQID: Final = 10
+H_EXPECT: Final = 11
+H_UPGRADE: Final = 12
 
-REQUEST_SPECIAL: dict[bytes, int] = {
+REQUEST_SPECIAL: Final[dict[bytes, int]] = {
     b"connection": H_CONNECTION,
     b"keep-alive": H_HOP,
     b"proxy-connection": H_HOP,
@@ -45,28 +46,28 @@ REQUEST_SPECIAL: dict[bytes, int] = {
 # `Transfer_Encoding`, `X_Forwarded_For`, ...: CGI-style servers (WSGI, PHP) map `_` and `-` alike, so
 # an underscore alias of a special header could override ours upstream. Framing aliases are
 # refused (a smuggling attempt); the others are dropped, as nginx does by default.
-H_BAD = 13
-UNDERSCORE_ALIASES: dict[bytes, int] = {
+H_BAD: Final = 13
+UNDERSCORE_ALIASES: Final[dict[bytes, int]] = {
     name.replace(b"-", b"_"): H_BAD if kind in (H_TE, H_CL) else H_HOP
     for name, kind in REQUEST_SPECIAL.items()
     if b"-" in name
 }
 
 # `HTTP/1.1 200 ` for every status a response may carry (the reason phrase is the upstream's).
-STATUS_PREFIX: dict[int, bytes] = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
+STATUS_PREFIX: Final[dict[int, bytes]] = {code: b"HTTP/1.1 %d " % code for code in range(100, 600)}
 
 # Larger than any real body, and past what int64 or float-based upstreams parse exactly.
-MAX_CONTENT_LENGTH = 1 << 53
+MAX_CONTENT_LENGTH: Final = 1 << 53
 
 # Response header names the upstream leg treats specially.
-R_HOP = 1
-R_CONNECTION = 2
-R_TE = 3
-R_CL = 4
-R_UPGRADE = 5
-R_REQID = 6
+R_HOP: Final = 1
+R_CONNECTION: Final = 2
+R_TE: Final = 3
+R_CL: Final = 4
+R_UPGRADE: Final = 5
+R_REQID: Final = 6
 
-RESPONSE_SPECIAL: dict[bytes, int] = {
+RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     b"connection": R_CONNECTION,
     b"keep-alive": R_HOP,
     b"proxy-connection": R_HOP,
@@ -80,7 +81,7 @@ RESPONSE_SPECIAL: dict[bytes, int] = {
     b"x-request-id": R_REQID,
 }
 
-R_PLAIN = 0
+R_PLAIN: Final = 0
 
 
 def _spellings(name: bytes) -> tuple[bytes, ...]:
@@ -103,25 +104,25 @@ _COMMON_RESPONSE = (
     b"strict-transport-security", b"x-content-type-options", b"x-frame-options", b"content-security-policy",
 )  # fmt: skip
 
-REQUEST_EXACT: dict[bytes, tuple[int, bytes]] = {
+REQUEST_EXACT: Final[dict[bytes, tuple[int, bytes]]] = {
     spelled: (kind, lname)
     for lname, kind in [*((n, H_PLAIN) for n in _COMMON_REQUEST), *REQUEST_SPECIAL.items()]
     for spelled in _spellings(lname)
 }
-RESPONSE_EXACT: dict[bytes, int] = {
+RESPONSE_EXACT: Final[dict[bytes, int]] = {
     spelled: kind
     for lname, kind in [*((n, R_PLAIN) for n in _COMMON_RESPONSE), *RESPONSE_SPECIAL.items()]
     for spelled in _spellings(lname)
 }
 
 # Headers a client can never remove by naming them in Connection: we rebuild them ourselves.
-PROTECTED = frozenset(
+PROTECTED: Final = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"x-request-id", b"host"}
 )
 # Connection tokens that are options, not the names of headers to drop.
-CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 def connection_tokens(value: bytes) -> list[bytes]:
@@ -143,7 +144,7 @@ def _error_response(status: int, close: bool, extra: bytes = b"") -> bytes:
     )
 
 
-_CANNED: dict[tuple[int, bool], bytes] = {}
+_CANNED: Final[dict[tuple[int, bool], bytes]] = {}
 
 
 def error_response(status: int, close: bool = True, request_id: bytes | None = None) -> bytes:

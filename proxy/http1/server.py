@@ -142,6 +142,9 @@ class ClientConnection(asyncio.Protocol):
             if self.current is not None and self.current.upgrade is not None:
                 self.early.append(data)
             return
+        # One clock read per read: the request's start time and every deadline set while parsing.
+        # monotonic() has the loop clock's origin (the sweeper compares with loop.time()).
+        self.plane.now = monotonic()
         req = self.req
         mark = req.nheaders + req.body_bytes + len(req.target) if req is not None else -1
         # Upstream-bound bytes are collected while this read is parsed and written after it, so
@@ -214,7 +217,7 @@ class ClientConnection(asyncio.Protocol):
         self.max_header_size = config.limits.max_header_size
         self.route_headers = req.snapshot.route_headers
         if self.dkind == D_IDLE:
-            self.deadline = self.plane.loop_time() + self.timeouts.client_header
+            self.deadline = self.plane.now + self.timeouts.client_header
             self.dkind = D_HEADER
 
     def on_url(self, url: bytes) -> None:
@@ -290,9 +293,7 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         assert req is not None
         plane = self.plane
-        # The loop's clock is only ms-precise (and cached per iteration); it counts from the same
-        # origin as monotonic(), so `now` serves the deadlines too.
-        now = req.t0 = monotonic()
+        now = req.t0 = plane.now  # read when this data arrived (see data_received)
         parser = self.parser
         keep_alive = parser.should_keep_alive()
         # Keep-alive without a Connection header can only be HTTP/1.1 (1.0 needs `keep-alive`):
@@ -370,7 +371,7 @@ class ClientConnection(asyncio.Protocol):
         if req.max_body is not None and req.body_bytes > req.max_body:
             raise Reject(413)
         if self.dkind == D_BODY:
-            self.deadline = self.plane.loop_time() + self.timeouts.client_body
+            self.deadline = self.plane.now + self.timeouts.client_body
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
             self.forward_body(req, up.transport, body)
@@ -390,7 +391,7 @@ class ClientConnection(asyncio.Protocol):
         if up is not None and req is self.current and up.transport is not None:
             if req.te is not None:
                 self.up_write(up.transport, b"0\r\n\r\n")
-            up.deadline = self.plane.loop_time() + self.timeouts.response
+            up.deadline = self.plane.now + self.timeouts.response
 
     # -- proxying --------------------------------------------------------------------------------
 
@@ -435,7 +436,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.up_write(t, req.head)
         if req.complete:
-            conn.deadline = self.plane.loop_time() + self.timeouts.response
+            conn.deadline = self.plane.now + self.timeouts.response
         else:
             conn.deadline = 0.0
         self.resume_reading_for(P_CONNECT)
@@ -474,7 +475,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if req.method == b"HEAD" or status == 204 or status == 304:
             req.framing = F_NONE
-        elif conn.content_length >= 0:
+        elif conn.has_length:
             req.framing = F_LENGTH
         elif not req.version10:
             req.framing = F_CHUNKED
@@ -482,7 +483,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             req.framing = F_CLOSE
             keep = False
-        if not conn.chunked and conn.content_length < 0 and req.framing != F_NONE:
+        if not conn.chunked and not conn.has_length and req.framing != F_NONE:
             conn.until_close = True
         if not keep:
             req.keep_alive = False
@@ -490,7 +491,7 @@ class ClientConnection(asyncio.Protocol):
         elif req.version10:
             extra += b"Connection: keep-alive\r\n"
         self.head_buf, self.head_at = self.wbuf, len(self.wbuf)
-        self.wbuf.append(H.STATUS_PREFIX[status] + conn.reason + b"\r\n" + b"".join(lines) + extra + b"\r\n")
+        self.wbuf.append(b"".join([H.STATUS_PREFIX[status], conn.reason, b"\r\n", *lines, extra, b"\r\n"]))
         if req.framing == F_NONE and req.method == b"HEAD":
             # llhttp would wait for a HEAD response's announced body: finish here, parse afresh.
             keep_upstream = conn.head_keep_alive()
@@ -548,11 +549,11 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self.plane.loop.call_soon(self._next_in_line)
         elif self.req is not None:  # the next request's head is partly here: it gets the header timeout
-            self.deadline = self.plane.loop_time() + self.timeouts.client_header
+            self.deadline = self.plane.now + self.timeouts.client_header
             self.dkind = D_HEADER
             self.resume_reading_for(P_PIPELINE)
         else:
-            self.deadline = self.plane.loop_time() + self.timeouts.idle
+            self.deadline = self.plane.now + self.timeouts.idle
             self.dkind = D_IDLE
             self.resume_reading_for(P_PIPELINE)
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -53,7 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.until_close = False  # response framed by connection close
         self.lines: list[bytes] = []
         self.reason = b""
-        self.content_length = -1
+        self.has_length = False  # Content-Length present (llhttp has checked its value)
         self.chunked = False
         self.has_reqid = False
         self.conn_tokens: list[bytes] | None = None
@@ -90,6 +91,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             client.tunnel_write(data)
             return
+        plane = self.pool.plane
+        plane.now = now = monotonic()  # for the deadlines set while this response is handled
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -100,18 +103,10 @@ class UpstreamConnection(asyncio.Protocol):
             client.upstream_protocol_error(self, str(exc))
         if self.started and not self.tunnel:
             # The response timeout also bounds each pause within a response once it has started.
-            self.deadline = client.plane.loop_time() + client.timeouts.response
+            self.deadline = now + client.timeouts.response
         client.flush()
 
     # -- httptools callbacks -------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.lines = []
-        self.content_length = -1
-        self.chunked = False
-        self.has_reqid = False
-        self.conn_tokens = None
-        self.upgrade = None
 
     def on_status(self, status: bytes) -> None:
         self.reason = status
@@ -126,7 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.lines.append(name + b": " + value + b"\r\n")
             return
         if kind == R_CL:
-            self.content_length = int(value)
+            self.has_length = True
             self.lines.append(b"Content-Length: " + value + b"\r\n")
         elif kind == R_TE:
             if self.chunked or value.strip().lower() != b"chunked":
@@ -145,15 +140,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         client = self.client
-        if client is None:
-            return
-        status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            self.interim = True
-            client.response_interim(status, self.reason, self.lines)
-            return
-        self.started = True
-        client.response_head(self, status)
+        if client is not None:
+            status = self.parser.get_status_code()
+            if 100 <= status < 200 and status != 101:
+                self.interim = True
+                client.response_interim(status, self.reason, self.lines)
+            else:
+                self.started = True
+                client.response_head(self, status)
+        self._clear_head()
+
+    def _clear_head(self) -> None:
+        """Forget the head just handled: the next message's headers start afresh (this saves the
+        parser an on_message_begin callback per response)."""
+        self.lines = []
+        self.has_length = False
+        self.chunked = False
+        self.has_reqid = False
+        self.conn_tokens = None
+        self.upgrade = None
 
     def on_body(self, body: bytes) -> None:
         client = self.client
@@ -243,7 +248,7 @@ class EndpointPool:
         if not reusable or self.retired or t is None or t.is_closing():
             conn.close()
             return
-        conn.deadline = self.plane.loop_time() + idle_timeout
+        conn.deadline = self.plane.now + idle_timeout
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -307,6 +312,9 @@ class DataPlaneLike:
 
     upstream_conns: set[UpstreamConnection]
     loop_time: Callable[[], float]  # the event loop's clock
+    # monotonic() (the loop clock's origin) as of the latest read or sweep: deadlines are set from
+    # it instead of reading the clock again (at most one sweep interval stale).
+    now: float
 
 
 class PoolRegistry:
