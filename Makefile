@@ -33,8 +33,12 @@ lint: setup
 	$(VENV)/bin/hadolint Dockerfile
 
 # The whole test suite (what CI runs).
+# With a C compiler the compiled hot path is required (tests/test_native.py checks it), and the
+# data-plane tests run a second time on the pure-Python fallback.
 test: system-deps setup lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	CANARY_PROXY_REQUIRE_NATIVE=$$(command -v gcc >/dev/null && echo 1) $(VENV)/bin/pytest -q -p no:cacheprovider
+	CANARY_PROXY_PURE=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_http_*.py tests/test_hardening_smuggling.py \
+		tests/test_hardening_headers.py tests/test_hardening_limits.py tests/test_hardening_upstreams.py tests/test_native.py
 
 # Full comparison with nginx: 3 rounds x 10 s per scenario, 1 GiB transfers, 10k idle connections.
 bench: setup system-deps

@@ -86,7 +86,7 @@ R_PLAIN: Final = 0
 
 def _spellings(name: bytes) -> tuple[bytes, ...]:
     """How a lower-case header name is usually written: as is, Title-Case, and upper case."""
-    title = b"-".join(part.capitalize() for part in name.split(b"-"))
+    title = b"-".join([part.capitalize() for part in name.split(b"-")])
     return tuple(dict.fromkeys((name, title, name.upper())))
 
 
@@ -106,12 +106,12 @@ _COMMON_RESPONSE = (
 
 REQUEST_EXACT: Final[dict[bytes, tuple[int, bytes]]] = {
     spelled: (kind, lname)
-    for lname, kind in [*((n, H_PLAIN) for n in _COMMON_REQUEST), *REQUEST_SPECIAL.items()]
+    for lname, kind in [*[(n, H_PLAIN) for n in _COMMON_REQUEST], *REQUEST_SPECIAL.items()]
     for spelled in _spellings(lname)
 }
 RESPONSE_EXACT: Final[dict[bytes, int]] = {
     spelled: kind
-    for lname, kind in [*((n, R_PLAIN) for n in _COMMON_RESPONSE), *RESPONSE_SPECIAL.items()]
+    for lname, kind in [*[(n, R_PLAIN) for n in _COMMON_RESPONSE], *RESPONSE_SPECIAL.items()]
     for spelled in _spellings(lname)
 }
 
