@@ -65,6 +65,21 @@ def open_sockets(pid: int) -> str:
     return "\n".join(fds) + "\n" + "\n".join(line for line in ss.splitlines() if f"pid={pid}," in line)
 
 
+async def settled_fd_count(pid: int, quiet: float = 2.0, timeout: float = 30.0) -> int:
+    """The process' fd count once it has not changed for `quiet` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last, since = fd_count(pid), loop.time()
+    while loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        now = fd_count(pid)
+        if now != last:
+            last, since = now, loop.time()
+        elif loop.time() - since >= quiet:
+            return now
+    raise AssertionError(f"fd count never settled (last {last})\n{open_sockets(pid)}")
+
+
 async def fds_back(pid: int, start: int, what: str) -> None:
     try:
         # At most `start`: the count taken right after start-up may include a readiness probe's socket.
@@ -109,10 +124,10 @@ async def test_soak_leaves_rss_fds_and_series_flat(
     pid = pp.proc.pid
     script = tmp_path / "mixed.lua"
     script.write_text(LUA)
-    fds_start = fd_count(pid)
-
     await wrk(pp, 5, script)  # warm-up: allocator arenas, pools, every label combination
-    await fds_back(pid, fds_start, "after the warm-up")
+    # The baseline is taken once the warm-up's connections have closed (idle timeout 1 s) and the
+    # count holds still: right after start-up, background threads may still be opening theirs.
+    fds_start = await settled_fd_count(pid)
     rss_before, series_before = rss_kib(pid), series(pp)
 
     out = await wrk(pp, SOAK_SECONDS, script)
