@@ -54,6 +54,7 @@ class DataPlane(DataPlaneLike):
         self.access_log: AccessLogger | None = None
         self.retrying = 0
         self._last_id = 0
+        self._flushes: list[ClientConnection] = []  # deferred writes, see ClientConnection.flush_later
         self._id_prefix = os.urandom(4).hex().encode() + b"-"
         self._sweeper: asyncio.Task[None] | None = None
         # time.time() - time.monotonic(), refreshed by the sweeper: wall-clock stamps for the
@@ -121,6 +122,18 @@ class DataPlane(DataPlaneLike):
         self.pools.close_all()
         for u in list(self.upstream_conns):
             u.abort()
+
+    def queue_flush(self, client: ClientConnection) -> None:
+        """Have `client.flush_queued()` called once the loop has handled this round of events."""
+        if not self._flushes:
+            self.loop.call_soon(self._flush_all)
+        self._flushes.append(client)
+
+    def _flush_all(self) -> None:
+        flushes, self._flushes = self._flushes, []
+        for client in flushes:
+            if client.queued:
+                client.flush_queued()
 
     # -- per request -----------------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ P_PIPELINE, P_UPLOAD, P_CONNECT = 1, 2, 4
 P_TUNNEL = 8  # after an Upgrade request, until the upstream's answer: bytes for the tunnel wait
 # What the client deadline means.
 D_NONE, D_HEADER, D_IDLE, D_BODY, D_LINGER = range(5)
+# Reads smaller than this have their writes batched to the end of the loop iteration.
+BATCH_BELOW = 16384
 # After an error response: how long we keep reading (and discarding) before the final close.
 LINGER = 2.0
 
@@ -71,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
         self.served = 0
         # Response bytes produced while the upstream's data is parsed, written in one call after.
         self.wbuf: list[bytes] = []
+        self.queued = False  # in the data plane's end-of-iteration flush list
         # Where the current response's head sits in `wbuf` while it is still unsent: an upstream
         # error found later in the same read can then become a clean 502 instead of a truncation.
         self.head_buf: list[bytes] | None = None
@@ -145,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         # One clock read per read: the request's start time and every deadline set while parsing.
         # monotonic() has the loop clock's origin (the sweeper compares with loop.time()).
         self.plane.now = monotonic()
+        if self.ubuf:
+            self.flush_upstream()  # an earlier read's bytes, not yet written: they go first
         req = self.req
         mark = req.nheaders + req.body_bytes + len(req.target) if req is not None else -1
         # Upstream-bound bytes are collected while this read is parsed and written after it, so
@@ -172,7 +177,10 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self.feeding = False
         if self.ubuf:
-            self.flush_upstream()
+            if len(data) < BATCH_BELOW:
+                self.flush_upstream_later()
+            else:
+                self.flush_upstream()
         req = self.req
         if req is None or self.dead or req.nheaders + req.body_bytes + len(req.target) != mark:
             self.quiet = 0  # progress (or nothing left to parse)
@@ -193,12 +201,20 @@ class ClientConnection(asyncio.Protocol):
     def up_write(self, t: asyncio.Transport, data: bytes) -> None:
         """Write towards the upstream (deferred to the end of the read being parsed, if any)."""
         if not self.feeding:
+            if self.ubuf:
+                self.flush_upstream()  # keep the order
             t.write(data)
             return
         if self.ubuf_t is not t:
             self.flush_upstream()
             self.ubuf_t = t
         self.ubuf.append(data)
+
+    def flush_upstream_later(self) -> None:
+        """Write this read's upstream bytes at the end of the loop iteration (see flush_later)."""
+        if not self.queued:
+            self.queued = True
+            self.plane.queue_flush(self)
 
     def flush_upstream(self) -> None:
         t, self.ubuf_t = self.ubuf_t, None
@@ -507,6 +523,26 @@ class ClientConnection(asyncio.Protocol):
             self.wbuf += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
             self.wbuf.append(body)
+
+    def flush_later(self, read_size: int) -> None:
+        """Write what the response produced during this read at the end of the loop iteration,
+        together with every other connection's writes: the peers (client, upstream) are then woken
+        in one burst rather than one at a time while we are still parsing, which costs the kernel
+        far less (a wake-up of an idle CPU is an inter-processor interrupt). Large reads are
+        written at once: they are streams, where memory and backpressure matter more."""
+        if read_size >= BATCH_BELOW:
+            self.flush()
+        elif self.wbuf and not self.queued:
+            self.queued = True
+            self.plane.queue_flush(self)
+
+    def flush_queued(self) -> None:
+        """Called once per loop iteration by the data plane for connections that deferred writes."""
+        self.queued = False
+        if self.ubuf:
+            self.flush_upstream()
+        if self.wbuf:
+            self.flush()
 
     def flush(self) -> None:
         """Write what the response produced during this read, in one call."""

@@ -104,7 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.started and not self.tunnel:
             # The response timeout also bounds each pause within a response once it has started.
             self.deadline = now + client.timeouts.response
-        client.flush()
+        client.flush_later(len(data))
 
     # -- httptools callbacks -------------------------------------------------------------------
 
