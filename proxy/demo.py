@@ -200,10 +200,13 @@ async def run_demo(
     say("          default: weighted split, sticky on x-user-id")
     say("  live lines: requests per route served by stable (s) / canary (c), default split weights stable/canary")
     rollout = config.rollout
+    fail_at = duration * 0.55
     if rollout is not None:
+        # Fail before the last step's interval runs out: later, the canary would be promoted first.
+        fail_at = min(fail_at, rollout.interval * max(len(rollout.steps) - 1, 1) - 1.0)
         say(
             f"  rollout steps {', '.join(f'{w:g}%' for w in rollout.steps)} every {rollout.interval:g}s; "
-            f"the canary starts failing at t={duration * 0.55:.0f}s"
+            f"the canary starts failing at t={fail_at:.0f}s"
         )
     traffic = Traffic(url)
     start = time.monotonic()
@@ -213,7 +216,7 @@ async def run_demo(
         while not gen.done():
             await asyncio.sleep(1.0)
             elapsed = time.monotonic() - start
-            if elapsed >= duration * 0.55 and not canary.failure_rate:
+            if elapsed >= fail_at and not canary.failure_rate:
                 canary.failure_rate = 0.5
                 say(f"t={elapsed:4.0f}s  !! the demo canary starts failing half of its requests")
             say(_line(app, traffic, elapsed))

@@ -142,5 +142,33 @@ async def test_ejected_canary_goes_to_the_baseline(
         assert resp.status == 200
     client.close()
     assert stable.urls() == [b"/c%d" % i for i in range(5)]
-    assert canary.accepted == 5 and app.stats.ejections.get("canary") == 2
+    # Ejected after the 2nd failure; the 3 failures while ejected (panic mode) do not eject it again.
+    assert canary.accepted == 5 and app.stats.ejections.get("canary") == 1
     assert app.stats.upstreams["canary"].errors[2] == 5  # every reset counted against the canary
+
+
+async def test_failures_while_ejected_do_not_eject_again(
+    raw_upstream: RawFactory, logging_upstream: LogFactory, proxy_factory: ProxyFactory
+) -> None:
+    """Panic-mode traffic to an ejected single endpoint: one ejection, one log line, not one per
+    `consecutive_failures` failed requests."""
+    canary, stable = await raw_upstream(resetting), await logging_upstream()
+    extra = (
+        "rollout: {canary: canary, baseline: stable, min_requests: 1000, fast_fail: {consecutive_errors: 0}}\n"
+        "outlier_detection: {consecutive_failures: 2, base_ejection_time: 60s}\n"
+        "retries: {attempts: 0}\n"
+    )
+    app = await proxy_factory(config_text(stable.url, canary.url, extra=extra))
+    assert app.plane is not None
+    client = await RawClient.connect(app.plane.bound_port)
+    statuses = []
+    for i in range(20):
+        resp = await client.request(b"GET /c%d HTTP/1.1\r\nHost: h\r\nx-canary: always\r\n\r\n" % i)
+        statuses.append(resp.status)
+        if resp.status != 200:
+            client.close()
+            client = await RawClient.connect(app.plane.bound_port)
+    client.close()
+    assert canary.accepted == 20  # panic mode: the only endpoint still gets its traffic
+    assert statuses == [502] * 20
+    assert app.stats.ejections.get("canary") == 1

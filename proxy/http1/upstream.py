@@ -268,7 +268,13 @@ class EndpointPool:
         self.consecutive_failures = 0
 
     def record_failure(self, od: OutlierDetection, now: float) -> bool:
-        """Count a failure; returns True when this failure ejects the endpoint."""
+        """Count a failure; returns True when this failure ejects the endpoint.
+
+        Failures while ejected (panic-mode traffic) do not count: like Envoy, an ejected endpoint
+        is not ejected again until it is back, so its ejection time grows once per ejection, not
+        once per handful of failed requests (which also logged a warning every few milliseconds)."""
+        if self.ejected_until > now:
+            return False
         self.consecutive_failures += 1
         if od.consecutive_failures and self.consecutive_failures >= od.consecutive_failures:
             self.ejections += 1
