@@ -59,7 +59,7 @@ class DataPlane(DataPlaneLike):
         self._sweeper: asyncio.Task[None] | None = None
         # time.time() - time.monotonic(), refreshed by the sweeper: wall-clock stamps for the
         # analysis windows without a second clock read per request.
-        self.wall_offset = time.time() - time.monotonic()
+        self.wall_offset = time.time() - monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -157,9 +157,7 @@ class DataPlane(DataPlaneLike):
         upgrade = b""
         tokens = req.conn_tokens
         if tokens:
-            drop = {t for t in tokens if t not in H.CONNECTION_OPTIONS and t not in H.PROTECTED}
-            if drop:
-                lines = [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in drop]
+            lines = H.without_named(lines, tokens, H.REQUEST_KEEP)
             if req.upgrade is not None and b"upgrade" in tokens:
                 upgrade = b"Connection: upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"
         if not upgrade:
@@ -280,7 +278,8 @@ class DataPlane(DataPlaneLike):
         now = self.loop.time()
         us = binding.upstream.stats
         us.errors[kind] += 1
-        us.observe(time.time(), time.monotonic() - req.t0, True)
+        now = monotonic()
+        us.observe(now + self.wall_offset, now - req.t0, True)  # the same clocks as finish()
         req.failed = True
         if req.pool is not None:
             self._endpoint_failed(req, binding.upstream.name, req.pool, now)
@@ -388,7 +387,7 @@ class DataPlane(DataPlaneLike):
         """Enforce deadlines without a timer per request: a coarse periodic scan."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.wall_offset = time.time() - time.monotonic()
+            self.wall_offset = time.time() - monotonic()
             now = self.now = monotonic()
             send_timeout = self.snapshot.config.timeouts.send
             for c in list(self.clients):

@@ -121,6 +121,8 @@ PROTECTED: Final = frozenset(
 )
 # Connection tokens that are options, not the names of headers to drop.
 CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+# What a client's Connection header can never remove from the request we send.
+REQUEST_KEEP: Final = CONNECTION_OPTIONS | PROTECTED
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -130,9 +132,15 @@ def connection_tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
-def is_token_list_with(value: bytes, token: bytes) -> bool:
-    """True if the comma-separated header value names `token` (case-insensitive)."""
-    return token in connection_tokens(value)
+def without_named(lines: list[bytes], tokens: list[bytes] | None, keep: frozenset[bytes]) -> list[bytes]:
+    """Header `lines` minus those a Connection header's `tokens` name (RFC 9110 7.6.1); names in
+    `keep` (options such as `close`, or headers we rebuild ourselves) are never dropped."""
+    if not tokens or (len(tokens) == 1 and tokens[0] in keep):
+        return lines  # nearly always: no Connection header, or just keep-alive / close
+    drop = {t for t in tokens if t not in keep}
+    if not drop:
+        return lines
+    return [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in drop]
 
 
 def _error_response(status: int, close: bool, extra: bytes = b"") -> bytes:

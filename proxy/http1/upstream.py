@@ -15,6 +15,7 @@ import httptools
 
 from proxy.config.model import Endpoint, OutlierDetection
 from proxy.http1.headers import (
+    CONNECTION_OPTIONS,
     R_CL,
     R_CONNECTION,
     R_PLAIN,
@@ -23,6 +24,8 @@ from proxy.http1.headers import (
     R_UPGRADE,
     RESPONSE_EXACT,
     RESPONSE_SPECIAL,
+    connection_tokens,
+    without_named,
 )
 
 if TYPE_CHECKING:
@@ -33,8 +36,7 @@ P_UPLOAD = 2  # proxy.http1.server.P_UPLOAD (imported there from here would be a
 log = logging.getLogger("canary_proxy.upstream")
 
 
-# Connection tokens that are options, not header names.
-_NOT_HEADERS = frozenset({b"close", b"keep-alive", b"upgrade"})
+# The Connection values nearly every response carries, already tokenized.
 _SIMPLE_CONNECTION = {v: v.lower() for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close")}
 
 
@@ -129,7 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.chunked = True
         elif kind == R_CONNECTION:
             simple = _SIMPLE_CONNECTION.get(value)  # "keep-alive" / "close": nearly every response
-            tokens = [simple] if simple is not None else [t.strip().lower() for t in value.split(b",")]
+            tokens = [simple] if simple is not None else connection_tokens(value)
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
         elif kind == R_UPGRADE:
             self.upgrade = value
@@ -177,13 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def filtered_lines(self) -> list[bytes]:
         """Response header lines without the ones named in Connection (rarely needed)."""
-        tokens = self.conn_tokens
-        if not tokens or (len(tokens) == 1 and tokens[0] in _NOT_HEADERS):
-            return self.lines
-        drop = {t for t in tokens if t not in _NOT_HEADERS}
-        if not drop:
-            return self.lines
-        return [ln for ln in self.lines if ln.split(b":", 1)[0].lower() not in drop]
+        return without_named(self.lines, self.conn_tokens, CONNECTION_OPTIONS)
 
     def head_keep_alive(self) -> bool:
         """Whether the connection stays open after the response head being parsed (its version
