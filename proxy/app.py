@@ -10,20 +10,20 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import IO
 
 from proxy import __version__, native, tuning
 from proxy.accesslog import AccessLogger
 from proxy.admin import AdminServer
-from proxy.analysis.controller import RolloutController
+from proxy.analysis.manager import RolloutManager
 from proxy.analysis.rollout import RolloutState, reconcile
 from proxy.compile import Snapshot, compile_snapshot
 from proxy.config import Config, ConfigError, load_config
 from proxy.dataplane import DataPlane
 from proxy.reload import ConfigWatcher
-from proxy.stats import Stats
+from proxy.stats import Stats, UpstreamStats
 from proxy.workers import FollowerSync, LeaderSync, WorkerRole, merged_stats
 
 log = logging.getLogger("canary_proxy")
@@ -44,13 +44,13 @@ class ProxyApp:
         self.role = role  # None: a single process; else a worker of `run --workers N`
         self.clock = clock
         self.watch = watch
-        horizon = int(max(600.0, (config.rollout.window * 2) if config.rollout else 0.0))
+        horizon = int(max([600.0, *(r.window * 2 for r in config.rollouts)]))
         self.stats = Stats(window_horizon=horizon)
         self.loaded_at = clock()
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.plane: DataPlane | None = None
-        self.controller: RolloutController | None = None
+        self.controller: RolloutManager | None = None
         self.admin: AdminServer | None = None
         self.watcher: ConfigWatcher | None = None
         self.stopping = asyncio.Event()
@@ -60,7 +60,8 @@ class ProxyApp:
         self._controller_task: asyncio.Task[None] | None = None
         self.leader_sync: LeaderSync | None = None
         self.follower_sync: FollowerSync | None = None
-        self.remote_state: RolloutState | None = None  # followers: the leader's rollout state
+        self.remote_state: RolloutState | None = None  # followers: the leader's (first) rollout state
+        self.remote_states: dict[str, RolloutState] = {}  # followers: every rollout's, by name
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -70,7 +71,7 @@ class ProxyApp:
         role = self.role
         follower = role is not None and not role.leader
         if not follower:
-            self.controller = RolloutController(
+            self.controller = RolloutManager(
                 config=self.config, stats=self.stats, clock=self.clock, on_change=self._rollout_changed
             )
             await self.controller.start()
@@ -110,41 +111,53 @@ class ProxyApp:
         tuning.tune_malloc()
         tuning.freeze_loaded_objects()
 
-    def _state(self) -> RolloutState | None:
+    def _state(self) -> dict[str, RolloutState]:
         if self.controller is not None:
-            return self.controller.state
-        return self.remote_state
+            return self.controller.states
+        return self.remote_states
 
-    def _arm_follower_fast_fail(self, fresh: bool = False) -> None:
+    def _arm_follower_fast_fail(self, fresh: bool | frozenset[str] = False) -> None:
         """In a follower, fast-fail asks the leader to trip (it owns the decision). Armed only while
-        a trip can change anything; `fresh` (a new or reset rollout) forgets old consecutive errors."""
-        rollout = self.config.rollout
+        a trip can change anything; `fresh` (a new or reset rollout; or the names of those) forgets
+        old consecutive errors."""
         sync = self.follower_sync
-        if rollout is None or sync is None:
+        if sync is None:
             return
-        us = self.stats.upstream(rollout.canary, self.config.metrics.buckets)
-        state = self.remote_state
-        active = rollout.fast_fail.consecutive_errors > 0 and (
-            state is None or state.phase not in ("rolled_back", "promoted")
-        )
-        if not active:
-            us.trip_at = 1 << 62
-            us.on_trip = None
-            return
-        if fresh:
-            us.consecutive_errors = 0
-        us.trip_at = rollout.fast_fail.consecutive_errors
-        us.on_trip = lambda: sync.request_trip(f"{us.consecutive_errors} consecutive errors from {us.name}")
+        for rollout in self.config.rollouts:
+            us = self.stats.upstream(rollout.canary, self.config.metrics.buckets)
+            state = self.remote_states.get(rollout.name)
+            active = rollout.fast_fail.consecutive_errors > 0 and (
+                state is None or state.phase not in ("rolled_back", "promoted")
+            )
+            if not active:
+                us.trip_at = 1 << 62
+                us.on_trip = None
+                continue
+            if fresh is True or (isinstance(fresh, frozenset) and rollout.name in fresh):
+                us.consecutive_errors = 0
+            us.trip_at = rollout.fast_fail.consecutive_errors
+            us.on_trip = _follower_trip(sync, us, rollout.name)
 
-    def apply_remote_state(self, state: RolloutState | None) -> None:
-        """Followers: adopt the leader's rollout state (swap only when it changed)."""
-        old = self.remote_state
-        if state == old:
+    def apply_remote_state(self, state: RolloutState | Mapping[str, RolloutState] | None) -> None:
+        """Followers: adopt the leader's rollout states (swap only when they changed)."""
+        if isinstance(state, RolloutState):
+            first = self.config.rollout
+            states = {first.name: state} if first is not None else {}
+        else:
+            states = dict(state or {})
+        old = self.remote_states
+        if states == old:
             return
-        self.remote_state = state
-        was_active = old is not None and old.phase not in ("rolled_back", "promoted")
-        self._arm_follower_fast_fail(fresh=not was_active)
-        self._rollout_changed(state)
+        self.remote_states = states
+        first = self.config.rollout
+        self.remote_state = states.get(first.name) if first is not None else None
+        fresh = frozenset(
+            name
+            for name in states
+            if old.get(name) is None or old[name].phase in ("rolled_back", "promoted")
+        )
+        self._arm_follower_fast_fail(fresh=fresh)
+        self._rollout_changed(states)
 
     def metrics_stats(self) -> Stats:
         """The counters /metrics shows: this process', plus every worker's in a leader."""
@@ -152,11 +165,11 @@ class ProxyApp:
             return self.stats
         return merged_stats(self.stats, self.leader_sync.peer_counters())
 
-    def _compile(self, config: Config, state: RolloutState | None) -> Snapshot:
+    def _compile(self, config: Config, state: RolloutState | Mapping[str, RolloutState] | None) -> Snapshot:
         assert self.plane is not None
         return compile_snapshot(config, self.stats, self.plane.pools, state, self.loaded_at)
 
-    def _rollout_changed(self, state: RolloutState | None) -> None:
+    def _rollout_changed(self, state: RolloutState | Mapping[str, RolloutState] | None) -> None:
         """The controller moved a step or tripped: rebuild the weights, swap one reference."""
         if self.plane is not None:
             self.plane.swap(self._compile(self.config, state))
@@ -185,13 +198,15 @@ class ProxyApp:
                     log.warning("listen/admin address changes need a restart; keeping the old listeners")
                     new = replace(new, listen=old.listen, admin=old.admin)
                 # Compile against the state the controller *would* adopt, without touching it.
-                tentative: RolloutState | None = None
+                tentative: dict[str, RolloutState] = {}
                 if self.controller is None:
                     tentative = self._state()  # a follower: the leader re-sends it if it changes
-                elif new.rollout is not None:
-                    canary = new.upstreams.get(new.rollout.canary)
-                    version = canary.version if canary is not None else None
-                    tentative = reconcile(self.controller.state, new.rollout, version, self.clock())
+                else:
+                    current = self.controller.states
+                    for ro in new.rollouts:
+                        canary = new.upstreams.get(ro.canary)
+                        version = canary.version if canary is not None else None
+                        tentative[ro.name] = reconcile(current.get(ro.name), ro, version, self.clock())
                 assert self.plane is not None
                 loaded_at = self.clock()
                 snapshot = compile_snapshot(new, self.stats, self.plane.pools, tentative, loaded_at)
@@ -308,6 +323,10 @@ class ProxyApp:
         clean = await self.stop()
         log.info("stopped%s", "" if clean else " (grace period over: some connections were cut)")
         return 0
+
+
+def _follower_trip(sync: FollowerSync, us: UpstreamStats, rollout: str) -> Callable[[], None]:
+    return lambda: sync.request_trip(f"{us.consecutive_errors} consecutive errors from {us.name}", rollout)
 
 
 def _open_log(path: str | None) -> IO[str] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from proxy.analysis.rollout import RolloutState, effective_split, effective_target
@@ -57,6 +57,7 @@ class Snapshot:
         "is_error",
         "loaded_at",
         "rollout_state",
+        "rollout_states",
         "route_headers",
         "rules",
         "trusted",
@@ -77,6 +78,7 @@ class Snapshot:
         rollout_state: RolloutState | None,
         loaded_at: float,
         unmatched: RouteCounts,
+        rollout_states: dict[str, RolloutState] | None = None,
     ) -> None:
         self.config = config
         self.rules = rules
@@ -86,7 +88,8 @@ class Snapshot:
         self.trusted = trusted
         self.effective = effective  # per route: (name, effective `to`, effective split)
         self.fallback = fallback  # canary -> baseline, for retries of failed canary requests
-        self.rollout_state = rollout_state
+        self.rollout_state = rollout_state  # the first rollout's (the only one's, mostly)
+        self.rollout_states = rollout_states or {}  # by rollout name
         self.loaded_at = loaded_at
         self.unmatched = unmatched
 
@@ -95,10 +98,18 @@ def compile_snapshot(
     config: Config,
     stats: Stats,
     pools: PoolRegistry,
-    rollout_state: RolloutState | None,
+    rollout_state: RolloutState | Mapping[str, RolloutState] | None,
     loaded_at: float | None = None,
 ) -> Snapshot:
-    """Build the snapshot. Pure apart from creating pools/stats objects in the registries."""
+    """Build the snapshot. Pure apart from creating pools/stats objects in the registries.
+
+    `rollout_state`: the states by rollout name (a bare state is the first rollout's)."""
+    states: dict[str, RolloutState] = {}
+    if isinstance(rollout_state, RolloutState):
+        if config.rollout is not None:
+            states[config.rollout.name] = rollout_state
+    elif rollout_state is not None:
+        states.update(rollout_state)
     buckets = config.metrics.buckets
     upstreams: dict[str, UpstreamTarget] = {}
     for name, up in config.upstreams.items():
@@ -108,6 +119,7 @@ def compile_snapshot(
         )
 
     rollout = config.rollout
+    rollouts = [(r, states.get(r.name)) for r in config.rollouts]
     rules: list[RouteRule[Binding]] = []
     needed: set[bytes] = set()
     effective: list[tuple[str, str | None, tuple[tuple[str, float], ...] | None]] = []
@@ -122,12 +134,16 @@ def compile_snapshot(
                 sticky_cookie = route.sticky.cookie.encode("latin-1")
                 needed.add(b"cookie")
         if route.to is not None:
-            to = effective_target(route.to, rollout, rollout_state)
+            to = route.to
+            for ro, st in rollouts:
+                to = effective_target(to, ro, st)
             target = Binding(upstreams[to], stats.route_counts_for(route.name, to))
             rules.append(RouteRule(i, route.name, predicate, target, None))
             effective.append((route.name, to, None))
         else:
-            split = effective_split(_split(route), rollout, rollout_state)
+            split = _split(route)
+            for ro, st in rollouts:
+                split = effective_split(split, ro, st)
             table = SplitTable(
                 tuple((Binding(upstreams[n], stats.route_counts_for(route.name, n)), w) for n, w in split)
             )
@@ -135,8 +151,8 @@ def compile_snapshot(
             effective.append((route.name, None, split))
 
     fallback: dict[str, UpstreamTarget] = {}
-    if rollout is not None:
-        fallback[rollout.canary] = upstreams[rollout.baseline]
+    for ro in config.rollouts:
+        fallback[ro.canary] = upstreams[ro.baseline]
     error_statuses = rollout.error_statuses if rollout is not None else ("5xx",)
     trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
     return Snapshot(
@@ -148,9 +164,10 @@ def compile_snapshot(
         trusted,
         tuple(effective),
         fallback,
-        rollout_state,
+        states.get(rollout.name) if rollout is not None else None,
         time.time() if loaded_at is None else loaded_at,
         stats.route_counts_for("", ""),
+        states,
     )
 
 

@@ -142,10 +142,20 @@ class LeaderSync:
         trip = body.get("trip")
         controller = app.controller
         if trip and controller is not None:
-            controller.trip(f"fast fail on worker {index}: {trip}", {"worker": index})
+            rollout = body.get("trip_rollout")
+            controller.trip(
+                f"fast fail on worker {index}: {trip}",
+                {"worker": index},
+                rollout=rollout if isinstance(rollout, str) else None,
+            )
         state = controller.state if controller is not None else None
+        states = controller.states if controller is not None else {}
         return web.json_response(
-            {"state": None if state is None else state_to_dict(state), "config_hash": app.config.source_hash}
+            {
+                "state": None if state is None else state_to_dict(state),
+                "states": {name: state_to_dict(s) for name, s in states.items()},
+                "config_hash": app.config.source_hash,
+            }
         )
 
 
@@ -160,15 +170,17 @@ class FollowerSync:
         self.role = role
         self.sent_upto = int(time.time()) - 1  # seconds <= this were already sent
         self.trip: str | None = None
+        self.trip_rollout: str | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def request_trip(self, why: str) -> None:
+    def request_trip(self, why: str, rollout: str | None = None) -> None:
         """Called from the hot path when fast-fail fires in this worker: sync at once."""
         self.trip = why
+        self.trip_rollout = rollout
         self._wake.set()
 
     async def stop(self) -> None:
@@ -193,6 +205,7 @@ class FollowerSync:
             "counters": counters_snapshot(self.app.stats),
             "slices": {k: v for k, v in slices.items() if v},
             "trip": trip,
+            "trip_rollout": self.trip_rollout if trip else None,
         }
 
     async def _run(self) -> None:
@@ -204,8 +217,12 @@ class FollowerSync:
                         "http://leader/sync", json=self.payload(), timeout=aiohttp.ClientTimeout(total=2)
                     ) as resp:
                         answer = await resp.json()
-                    raw = answer.get("state")
-                    self.app.apply_remote_state(None if raw is None else state_from_dict(raw))
+                    raw_all = answer.get("states")
+                    if isinstance(raw_all, dict):
+                        self.app.apply_remote_state({k: state_from_dict(v) for k, v in raw_all.items()})
+                    else:
+                        raw = answer.get("state")
+                        self.app.apply_remote_state(None if raw is None else state_from_dict(raw))
                 except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
                     log.debug("worker %d: sync with the leader failed: %s", self.role.index, exc)
                 with contextlib.suppress(TimeoutError):

@@ -28,7 +28,11 @@ from proxy.analysis.rollout import (
     reconcile,
     trip,
 )
+from proxy.analysis.checks import CheckRunner, combine
+from proxy.analysis.gates import GateRunner
+from proxy.analysis.notify import Notifier
 from proxy.analysis.statefile import load_state, save_state, state_to_dict
+from proxy.analysis.steps import Analysis, judging, stamp
 from proxy.analysis.verdict import Verdict, judge
 from proxy.analysis.webhook import WebhookSender
 from proxy.analysis.window import WindowStats
@@ -54,7 +58,9 @@ class RolloutController:
         on_change: OnChange | None = None,
         tick: float = 1.0,
         webhook_factory: WebhookFactory = WebhookSender,
+        name: str | None = None,
     ) -> None:
+        self._name = name  # the rollout this controller runs (None: the config's first)
         self._config = config
         self._stats = stats
         self._clock = clock
@@ -71,6 +77,22 @@ class RolloutController:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self.events: deque[RolloutEvent] = deque(maxlen=MAX_EVENTS)
+        self._notifier: Notifier | None = None
+        self._gates = GateRunner()
+        self._checks = CheckRunner()
+        self.analysis: Analysis | None = None  # the figures of the latest tick, for /metrics
+
+    @property
+    def name(self) -> str | None:
+        """The name of the rollout this controller runs."""
+        rollout = self._rollout()
+        return rollout.name if rollout is not None else self._name
+
+    def _rollout(self, config: Config | None = None) -> Rollout | None:
+        config = self._config if config is None else config
+        if self._name is None:
+            return config.rollout
+        return config.rollout_named(self._name)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -98,11 +120,12 @@ class RolloutController:
         if self._started:
             return
         self._started = True
-        rollout = self._config.rollout
+        rollout = self._rollout()
         if rollout is None:
             return
         saved = load_state(rollout.state_file) if rollout.state_file else None
         self._set_webhook(rollout.webhook)
+        self._set_notifier(rollout)
         self._adopt(saved, rollout, notify=True)
 
     async def run(self) -> None:
@@ -117,27 +140,31 @@ class RolloutController:
 
     def evaluate(self, now: float | None = None) -> Verdict | None:
         """One tick: judge the windows and apply the verdict. Returns the verdict (None: no rollout)."""
-        rollout = self._config.rollout
+        rollout = self._rollout()
         state = self._state
         if rollout is None or state is None:
             return None
         now = self._clock() if now is None else now
         canary = self._window(rollout.canary, now, rollout)
         baseline = self._window(rollout.baseline, now, rollout)
-        verdict = judge(canary, baseline, rollout)
+        verdict = judge(canary, baseline, judging(rollout, state))
+        if rollout.checks and state.phase not in ("rolled_back", "promoted"):
+            verdict = combine(verdict, self._checks.poll(rollout, now))
         self._last_verdict = verdict
         self._last_verdict_at = now
-        new, events = on_verdict(state, verdict, rollout, now)
+        self.analysis = Analysis(canary, baseline, verdict, now)
+        gate_open = self._gates.poll(rollout, state, now)
+        new, events = on_verdict(state, verdict, rollout, now, gate_open=gate_open)
         self._apply(new, events)
         return verdict
 
-    def command(self, name: Command, reason: str | None = None) -> RolloutState:
+    def command(self, name: Command, reason: str | None = None, *, full: bool = False) -> RolloutState:
         """An operator command (pause/resume/promote/rollback/reset); raises CommandError or
-        LookupError (no rollout configured)."""
-        rollout = self._config.rollout
+        LookupError (no rollout configured). `full`: promote straight to 100%."""
+        rollout = self._rollout()
         if rollout is None or self._state is None:
             raise LookupError("no rollout is configured")
-        new, events = on_command(self._state, name, rollout, self._clock(), reason)
+        new, events = on_command(self._state, name, rollout, self._clock(), reason, full=full)
         if name == "reset":
             self._reset_fast_fail_count(rollout)
         self._apply(new, events)
@@ -148,16 +175,19 @@ class RolloutController:
 
         Does not call on_change: the caller compiles its new snapshot with the returned state.
         """
-        old_rollout = self._config.rollout
+        old_rollout = self._rollout()
         self._config = config
-        rollout = config.rollout
+        rollout = self._rollout()
         if rollout is None:
             self._disarm()
             self._set_webhook(None)
+            self._set_notifier(None)
             self._state = None
             return None
         if old_rollout is None or old_rollout.webhook != rollout.webhook:
             self._set_webhook(rollout.webhook)
+        if old_rollout is None or old_rollout.webhooks != rollout.webhooks:
+            self._set_notifier(rollout)
         saved = self._state
         if saved is None and rollout.state_file:
             saved = load_state(rollout.state_file)  # a rollout added by a reload
@@ -166,24 +196,27 @@ class RolloutController:
 
     def record_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         """Add an event from elsewhere (e.g. a reload) to the log and the /status list."""
-        event = RolloutEvent(kind, self._clock(), message, dict(data or {}))
+        event = RolloutEvent(kind, self._clock(), message, dict(data or {}), self.name)
         self.events.append(event)
         self._log(event)
 
     def status(self) -> dict[str, Any]:
         """What /status shows about the rollout."""
-        rollout = self._config.rollout
+        rollout = self._rollout()
         state = self._state
         if rollout is None or state is None:
             return {"enabled": False, "events": [e.to_dict() for e in self.events]}
         verdict = self._last_verdict
         return {
             "enabled": True,
+            "name": rollout.name,
             "canary": rollout.canary,
             "baseline": rollout.baseline,
             "steps": list(rollout.steps),
             "weight": canary_weight(state, rollout),
             "state": state_to_dict(state),
+            "gate": self._gates.last,
+            "checks": [r.to_dict() for r in self._checks.results.values()],
             "verdict": None
             if verdict is None
             else {"kind": verdict.kind, "reason": verdict.reason, "figures": verdict.figures.as_dict()},
@@ -199,6 +232,11 @@ class RolloutController:
         webhook, self._webhook = self._webhook, None
         if webhook is not None:
             await webhook.close()
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            await notifier.close()
+        await self._gates.close()
+        await self._checks.close()
         # Only closes of replaced webhooks are tracked; they are quick and must not be cut short.
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -251,7 +289,9 @@ class RolloutController:
             log.exception("rollout on_change callback failed")
 
     def _publish(self, events: list[RolloutEvent]) -> None:
-        rollout = self._config.rollout
+        rollout = self._rollout()
+        if rollout is not None:
+            events = stamp(events, rollout)
         for event in events:
             self.events.append(event)
             self._log(event)
@@ -263,13 +303,15 @@ class RolloutController:
                 if self._state is not None:
                     payload.update(phase=self._state.phase, weight=canary_weight(self._state, rollout))
                 self._webhook.send(payload)
+            if self._notifier is not None and rollout is not None and self._state is not None:
+                self._notifier.send(event, rollout, self._state)
 
     def _log(self, event: RolloutEvent) -> None:
         line = json.dumps({"logger": "canary_proxy.rollout", **event.to_dict()}, default=str)
         log.log(logging.WARNING if event.kind == "rollback" else logging.INFO, line)
 
     def _save(self, state: RolloutState) -> None:
-        rollout = self._config.rollout
+        rollout = self._rollout()
         if rollout is None or not rollout.state_file:
             return
         try:
@@ -282,7 +324,7 @@ class RolloutController:
 
     def _arm(self) -> None:
         """Point the canary's consecutive-error trip at us while a trip can still change anything."""
-        rollout = self._config.rollout
+        rollout = self._rollout()
         state = self._state
         active = (
             rollout is not None
@@ -317,7 +359,7 @@ class RolloutController:
 
     def trip(self, reason: str, data: dict[str, JSONScalar] | None = None) -> RolloutState | None:
         """Roll back now for `reason` (e.g. a worker's fast-fail); a no-op when rolled back or promoted."""
-        rollout = self._config.rollout
+        rollout = self._rollout()
         state = self._state
         if rollout is None or state is None:
             return state
@@ -328,7 +370,7 @@ class RolloutController:
 
     def _on_fast_fail(self) -> None:
         """Called by UpstreamStats.observe on the data plane's stack: swap the state, defer the rest."""
-        rollout = self._config.rollout
+        rollout = self._rollout()
         state = self._state
         self._disarm()  # observe() calls again for every further error: once is enough
         if rollout is None or state is None:
@@ -362,6 +404,13 @@ class RolloutController:
         self._save(state)
         self._notify(state)
         self._publish(events)
+
+    def _set_notifier(self, rollout: Rollout | None) -> None:
+        old, self._notifier = self._notifier, None
+        if old is not None:
+            self._track(old.close())
+        if rollout is not None and rollout.webhooks:
+            self._notifier = Notifier(rollout.webhooks)
 
     def _set_webhook(self, url: str | None) -> None:
         old, self._webhook = self._webhook, None

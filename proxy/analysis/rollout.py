@@ -46,6 +46,7 @@ class RolloutState:
     changed_at: float
     reason: str | None = None  # the latched rollback reason
     last_verdict: VerdictRecord | None = None
+    stalled: bool = False  # no step taken for `progress_deadline`; cleared by the next step
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +61,14 @@ class RolloutEvent:
     at: float
     message: str
     data: dict[str, JSONScalar] = field(default_factory=dict)
+    rollout: str | None = None  # the rollout's name (stamped by the controller)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
-        return {"event": self.kind, "at": self.at, "message": self.message, "data": dict(self.data)}
+        out: dict[str, object] = {"event": self.kind, "at": self.at, "message": self.message, "data": dict(self.data)}
+        if self.rollout is not None:
+            out["rollout"] = self.rollout
+        return out
 
 
 def initial_state(cfg: Rollout, canary_version: str | None, now: float) -> RolloutState:
@@ -95,7 +100,15 @@ def reconcile(
 
 
 def canary_weight(state: RolloutState | None, cfg: Rollout | None) -> float | None:
-    """The canary's share (0..100) the rollout imposes, or None to keep the configured weights."""
+    """The canary's share (0..100) the rollout imposes, or None to keep the configured weights
+    (also always in observe mode: see `ladder_weight` for what it would impose)."""
+    if cfg is not None and cfg.mode == "observe":
+        return None
+    return ladder_weight(state, cfg)
+
+
+def ladder_weight(state: RolloutState | None, cfg: Rollout | None) -> float | None:
+    """The canary's share the state stands for, whatever the mode."""
     if state is None or cfg is None:
         return None
     if state.phase == "rolled_back":
@@ -108,20 +121,73 @@ def canary_weight(state: RolloutState | None, cfg: Rollout | None) -> float | No
 
 
 def on_verdict(
-    state: RolloutState, verdict: Verdict, cfg: Rollout, now: float
+    state: RolloutState, verdict: Verdict, cfg: Rollout, now: float, *, gate_open: bool = False
 ) -> tuple[RolloutState, list[RolloutEvent]]:
-    """Apply one verdict: trip on a breach, advance a step when healthy and the interval is over."""
+    """Apply one verdict: trip on a breach, take the next step when the current one is done, and
+    mark the rollout stalled (or roll it back) past its progress deadline.
+
+    A weight or analysis step is done when healthy and its interval is over; a timed pause when
+    its time is over; a pause without a duration only by `promote`; a gate when `gate_open` (its
+    webhook answered 2xx for this step)."""
     if state.phase in ("rolled_back", "promoted"):
         return state, []
     record = VerdictRecord(verdict.kind, verdict.reason, now)
     figures = verdict.figures.as_dict()
     if isinstance(verdict, Breach):
         return _trip(state, cfg, now, verdict.reason, figures, record)
-    if state.phase != "progressing" or not isinstance(verdict, Healthy):
+    if state.phase != "progressing" or not cfg.steps or not _step_done(state, verdict, cfg, now, gate_open):
+        return _deadline(state, cfg, now)
+    return _advance(state, cfg, now, record, figures)
+
+
+def _step_done(state: RolloutState, verdict: Verdict, cfg: Rollout, now: float, gate_open: bool) -> bool:
+    step = cfg.step(state.step_index)
+    elapsed = now - state.step_started_at
+    if step.kind == "pause":
+        return step.pause is not None and elapsed >= step.pause
+    if step.kind == "gate":
+        return gate_open
+    return isinstance(verdict, Healthy) and elapsed >= cfg.interval
+
+
+def waiting_forever(state: RolloutState, cfg: Rollout) -> bool:
+    """On a pause step without a duration (or paused by hand): only an operator moves it on."""
+    if state.phase == "paused":
+        return True
+    if state.phase != "progressing" or not cfg.steps:
+        return False
+    step = cfg.step(state.step_index)
+    return step.kind == "pause" and step.pause is None
+
+
+def _deadline(state: RolloutState, cfg: Rollout, now: float) -> tuple[RolloutState, list[RolloutEvent]]:
+    """Past `progress_deadline` without a step: stalled once (an event), rolled back if asked to."""
+    limit = cfg.progress_deadline
+    if limit is None or state.stalled or state.phase != "progressing" or not cfg.steps:
         return state, []
-    if now - state.step_started_at < cfg.interval:
+    if waiting_forever(state, cfg) or now - state.step_started_at < limit:
         return state, []
-    old = canary_weight(state, cfg) or 0.0
+    stalled = replace(state, stalled=True, changed_at=now)
+    msg = f"rollout of {cfg.canary} stalled: no step for {limit:g}s (step {state.step_index + 1}/{len(cfg.steps)})"
+    data: dict[str, JSONScalar] = {"step": state.step_index, "deadline": limit, "on_deadline": cfg.on_deadline}
+    events = [RolloutEvent("stalled", now, msg, data)]
+    if cfg.on_deadline == "rollback":
+        stalled, more = _trip(stalled, cfg, now, f"progress deadline: no step for {limit:g}s", {}, None)
+        events += more
+    return stalled, events
+
+
+def _advance(
+    state: RolloutState,
+    cfg: Rollout,
+    now: float,
+    record: VerdictRecord | None,
+    figures: Mapping[str, JSONScalar],
+    by: str | None = None,
+) -> tuple[RolloutState, list[RolloutEvent]]:
+    """Take the next step (the promotion after the last one)."""
+    extra: dict[str, JSONScalar] = {"by": by} if by else {}
+    old = ladder_weight(state, cfg) or 0.0
     nxt = state.step_index + 1
     if nxt >= len(cfg.steps) or cfg.steps[nxt] >= 100:
         # Reaching 100% is the end: nothing left to compare against, so it is the promotion.
@@ -131,21 +197,40 @@ def on_verdict(
             step_index=len(cfg.steps) - 1,
             step_started_at=now,
             changed_at=now,
-            last_verdict=record,
+            last_verdict=record or state.last_verdict,
+            stalled=False,
         )
         msg = f"canary {cfg.canary} promoted to 100% (from {old:g}%)"
-        return new, [RolloutEvent("promoted", now, msg, {"from": old, "to": 100.0, **figures})]
-    new = replace(state, step_index=nxt, step_started_at=now, changed_at=now, last_verdict=record)
+        return new, [RolloutEvent("promoted", now, msg, {"from": old, "to": 100.0, **figures, **extra})]
+    new = replace(
+        state,
+        phase="progressing",
+        step_index=nxt,
+        step_started_at=now,
+        changed_at=now,
+        last_verdict=record or state.last_verdict,
+        stalled=False,
+    )
     to = cfg.steps[nxt]
-    msg = f"canary {cfg.canary} weight {old:g}% -> {to:g}% (step {nxt + 1}/{len(cfg.steps)})"
-    return new, [RolloutEvent("step", now, msg, {"from": old, "to": to, "step": nxt, **figures})]
+    step = cfg.step(nxt)
+    what = "" if step.kind == "weight" else f", {step.kind}"
+    msg = f"canary {cfg.canary} weight {old:g}% -> {to:g}% (step {nxt + 1}/{len(cfg.steps)}{what})"
+    data = {"from": old, "to": to, "step": nxt, "step_kind": step.kind, **figures, **extra}
+    return new, [RolloutEvent("step", now, msg, data)]
 
 
 def on_command(
-    state: RolloutState, command: Command, cfg: Rollout, now: float, reason: str | None = None
+    state: RolloutState,
+    command: Command,
+    cfg: Rollout,
+    now: float,
+    reason: str | None = None,
+    *,
+    full: bool = False,
 ) -> tuple[RolloutState, list[RolloutEvent]]:
     """Apply an operator command. Repeating a command is a no-op; one that does not apply raises
-    CommandError."""
+    CommandError. `promote` takes the next step (ending a pause or a gate, like Argo's promote);
+    with `full` (or without steps) it goes straight to 100%."""
     why = f": {reason}" if reason else ""
     if command == "reset":
         new = initial_state(cfg, state.canary_version, now)
@@ -175,7 +260,9 @@ def on_command(
     if command == "promote":
         if state.phase == "promoted":
             return state, []
-        old = canary_weight(state, cfg)
+        if not full and cfg.steps and state.phase in ("progressing", "paused"):
+            return _advance(state, cfg, now, None, {}, by=f"operator{why}")
+        old = ladder_weight(state, cfg)
         new = replace(
             state,
             phase="promoted",
@@ -205,7 +292,7 @@ def _trip(
     data: Mapping[str, JSONScalar],
     record: VerdictRecord | None,
 ) -> tuple[RolloutState, list[RolloutEvent]]:
-    old = canary_weight(state, cfg)
+    old = ladder_weight(state, cfg)
     new = replace(
         state,
         phase="rolled_back",
@@ -225,7 +312,7 @@ def _trip(
 
 
 def _weight(state: RolloutState, cfg: Rollout) -> dict[str, JSONScalar]:
-    return {"weight": canary_weight(state, cfg), "step": state.step_index}
+    return {"weight": ladder_weight(state, cfg), "step": state.step_index}
 
 
 def effective_split(
@@ -294,6 +381,8 @@ def _fix_sum(entries: list[tuple[str, float]], total: float) -> tuple[tuple[str,
 
 def effective_target(to: str, cfg: Rollout | None, state: RolloutState | None) -> str:
     """A route's `to` upstream, given the rollout: the canary goes to the baseline when rolled back."""
-    if cfg is not None and state is not None and state.phase == "rolled_back" and to == cfg.canary:
+    if cfg is None or cfg.mode == "observe":
+        return to
+    if state is not None and state.phase == "rolled_back" and to == cfg.canary:
         return cfg.baseline
     return to

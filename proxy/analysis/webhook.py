@@ -104,8 +104,12 @@ class WebhookSender:
             else:
                 self.failed += 1
 
+    def _encode(self, event: Mapping[str, object]) -> tuple[bytes, dict[str, str]]:
+        """The request body and headers for `event` (subclasses shape and sign it)."""
+        return json.dumps(event).encode("utf-8"), {"Content-Type": "application/json"}
+
     async def _deliver(self, event: dict[str, object]) -> bool:
-        body = json.dumps(event).encode("utf-8")
+        body, headers = self._encode(event)
         last = ""
         for attempt in range(self._attempts):
             if attempt:
@@ -115,7 +119,7 @@ class WebhookSender:
                 async with session.post(
                     self.url,
                     data=body,
-                    headers={"Content-Type": "application/json"},
+                    headers=headers,
                     timeout=aiohttp.ClientTimeout(total=self._timeout),
                 ) as resp:
                     await resp.read()

@@ -13,11 +13,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from yaml.nodes import ScalarNode
 
 from proxy.config.errors import ConfigError
+from proxy.config.rollouts import RolloutKeys
 from proxy.config.model import (
     AccessLog,
     Address,
@@ -31,6 +32,7 @@ from proxy.config.model import (
     Retries,
     Rollout,
     Route,
+    Step,
     Sticky,
     StringMatch,
     Thresholds,
@@ -55,6 +57,7 @@ DEFAULT_ADMIN = Address("127.0.0.1", 9901)
 TOP_KEYS = (
     "listen", "admin", "upstreams", "routes", "timeouts", "limits", "rollout", "metrics", "access_log",
     "retries", "outlier_detection", "trusted_proxies", "admin_token", "admin_token_file", "shutdown_grace",
+    "rollouts",
 )  # fmt: skip
 ROUTE_KEYS = ("name", "match", "to", "split", "sticky", "max_body_size")
 MATCH_KEYS = ("headers", "cookies", "query", "path_prefix", "methods")
@@ -119,6 +122,7 @@ class _Parser:
         if listen and admin and same_socket(listen, admin):
             r.error(top.get("admin", top["listen"]), f"must differ from listen ({listen})")
         upstreams = self.upstreams(top["upstreams"]) if "upstreams" in top else {}
+        rollouts = self.rollouts(top)
         return Config(
             listen=listen or Address("", 0),
             admin=admin or DEFAULT_ADMIN,
@@ -127,7 +131,8 @@ class _Parser:
             timeouts=r.record(top.get("timeouts"), Timeouts, {f.name: r.duration for f in fields(Timeouts)})
             or Timeouts(),
             limits=self.limits(top.get("limits")),
-            rollout=self.rollout(top["rollout"]) if "rollout" in top else None,
+            rollout=rollouts[0] if rollouts else None,
+            rollouts=rollouts,
             metrics=r.record(top.get("metrics"), Metrics, {"buckets": self.buckets}) or Metrics(),
             access_log=self.access_log(top.get("access_log")),
             retries=self.retries(top.get("retries")),
@@ -343,15 +348,26 @@ class _Parser:
 
     # -- rollout --------------------------------------------------------------------------------
 
+    def rollouts(self, top: dict[str, Value]) -> tuple[Rollout, ...]:
+        """`rollout:` (one, named "default" unless it says) or `rollouts:` (a list of named ones)."""
+        if "rollout" in top and "rollouts" in top:
+            self.r.error(top["rollouts"], 'set only one of "rollout" and "rollouts"')
+            return ()
+        if "rollouts" in top:
+            return RolloutKeys(self.r).rollouts(top["rollouts"], self.rollout)
+        one = self.rollout(top["rollout"]) if "rollout" in top else None
+        return (one,) if one is not None else ()
+
     def rollout(self, v: Value) -> Rollout | None:
         r = self.r
+        keys = RolloutKeys(r)
         rollout = r.record(
             v,
-            Rollout,
+            _rollout,
             {
                 "canary": lambda x: self.known(x, r.text(x)),
                 "baseline": lambda x: self.known(x, r.text(x)),
-                "steps": lambda x: r.increasing(x, "steps", hi=100, allow_empty=True),
+                "steps": keys.steps,
                 "interval": r.duration,
                 "window": r.duration,
                 "min_requests": lambda x: r.integer(x, lo=1),
@@ -361,6 +377,7 @@ class _Parser:
                 "fast_fail": lambda x: r.record(x, FastFail, {"consecutive_errors": lambda y: r.integer(y, lo=0)}),
                 "state_file": r.string,
                 "webhook": lambda x: r.convert(x, parse_webhook, raw=True),
+                **keys.readers(),
             },
             required=("canary", "baseline"),
         )
@@ -459,3 +476,8 @@ class _Parser:
         if not token:
             r.error(file, f'"{path}" is empty')
         return token or None
+
+
+def _rollout(steps: tuple[Step, ...] = (), **kw: Any) -> Rollout:
+    """Rollout(...) from the parsed keys: `steps` holds each step's weight, `step_specs` the steps."""
+    return Rollout(steps=tuple(s.weight for s in steps), step_specs=steps, **kw)

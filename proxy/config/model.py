@@ -124,6 +124,53 @@ class FastFail:
 
 
 @dataclass(frozen=True, slots=True)
+class Gate:
+    """`{gate: {webhook: URL, timeout: 10s}}`: the rollout goes on once the URL answers 2xx."""
+
+    webhook: str
+    timeout: float = 10.0
+
+
+StepKind = Literal["weight", "pause", "gate", "analysis"]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One rollout step. `weight` is the canary's share while on it (a pause, gate or analysis step
+    keeps the weight of the step before it). `pause`: seconds, None = until `promote`."""
+
+    kind: StepKind
+    weight: float
+    pause: float | None = None
+    gate: Gate | None = None
+    min_requests: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A Prometheus query judged every interval: the first sample must stay <= max / >= min."""
+
+    name: str
+    prometheus: str  # base URL of the Prometheus HTTP API
+    query: str  # {rollout}, {canary}, {baseline}, {window} substituted
+    max: float | None = None
+    min: float | None = None
+    timeout: float = 5.0
+    failure_limit: int = 3  # failed queries in a row that trip like a breach (0: never)
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One notification receiver."""
+
+    url: str
+    events: tuple[str, ...] = ()  # empty: every event
+    format: Literal["json", "slack"] = "json"
+    secret: str | None = None  # HMAC-SHA256 key, read from `secret_file` at load
+    secret_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Rollout:
     canary: str
     baseline: str
@@ -137,6 +184,20 @@ class Rollout:
     fast_fail: FastFail = field(default_factory=FastFail)
     state_file: str | None = None
     webhook: str | None = None
+    name: str = "default"
+    step_specs: tuple[Step, ...] = ()  # same length as `steps` (which holds each step's weight)
+    progress_deadline: float | None = None
+    on_deadline: Literal["stall", "rollback"] = "stall"
+    mode: Literal["enforce", "observe"] = "enforce"
+    checks: tuple[Check, ...] = ()
+    webhooks: tuple[Webhook, ...] = ()
+
+    def step(self, index: int) -> Step:
+        """The step at `index` (clamped); plain weights when `step_specs` was not given."""
+        i = min(max(index, 0), len(self.steps) - 1)
+        if len(self.step_specs) == len(self.steps):
+            return self.step_specs[i]
+        return Step("weight", self.steps[i])
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,3 +245,21 @@ class Config:
     shutdown_grace: float = 20.0
     source_hash: str = ""  # sha256 of the file bytes, first 12 hex digits
     source_path: str = ""
+    rollouts: tuple[Rollout, ...] = ()  # every rollout, by name; `rollout` is the first one
+
+    def __post_init__(self) -> None:
+        # Keep the two views in step however the Config was built (loader, tests, replace()).
+        rollout = self.rollout
+        if rollout is None:
+            object.__setattr__(self, "rollouts", ())
+        elif not self.rollouts or self.rollouts[0] != rollout:
+            rest = tuple(r for r in self.rollouts[1:] if r.name != rollout.name)
+            object.__setattr__(self, "rollouts", (rollout, *rest))
+
+    def rollout_named(self, name: str) -> Rollout | None:
+        """The rollout called `name`, or None."""
+        return next((r for r in self.rollouts if r.name == name), None)
+
+    def rollout_of(self, upstream: str) -> Rollout | None:
+        """The rollout `upstream` is the canary or the baseline of, or None."""
+        return next((r for r in self.rollouts if upstream in (r.canary, r.baseline)), None)
