@@ -18,7 +18,7 @@ from aiohttp import web
 
 from proxy.analysis.rollout import COMMANDS, Command, CommandError
 from proxy.metrics import CONTENT_TYPE, make_registry, render
-from proxy.status import build_status, rollout_status
+from proxy.status import build_status, rollout_status, rollouts_status
 
 if TYPE_CHECKING:
     from proxy.app import ProxyApp
@@ -49,6 +49,8 @@ class AdminServer:
         web_app.router.add_get("/status", self.status)
         for command in COMMANDS:
             web_app.router.add_post(f"/rollout/{command}", self._rollout_handler(command))
+            web_app.router.add_post(f"/rollouts/{{name}}/{command}", self._rollout_handler(command))
+        web_app.router.add_get("/rollouts", self.rollouts)
         web_app.router.add_post("/config/reload", self.reload)
         return web_app
 
@@ -137,20 +139,36 @@ class AdminServer:
 
         return handle
 
+    async def rollouts(self, request: web.Request) -> web.StreamResponse:
+        """Every rollout's status, in config order."""
+        return _json(rollouts_status(self.app))
+
     async def rollout(self, request: web.Request, command: Command) -> web.StreamResponse:
-        """Apply an operator command; 409 when there is no rollout or it does not apply now."""
+        """Apply an operator command to `/rollouts/{name}/...` (or the only rollout for
+        `/rollout/...`); 404 for an unknown name, 409 when there is no rollout, several and none
+        named, or the command does not apply now. `promote?full=1` goes straight to 100%."""
         app = self.app
-        if app.controller is None or app.config.rollout is None:
+        name = request.match_info.get("name")
+        if app.controller is None or not app.config.rollouts:
             return _json({"ok": False, "error": "no rollout is configured"}, status=409)
+        if name is not None and app.config.rollout_named(name) is None:
+            known = ", ".join(r.name for r in app.config.rollouts)
+            return _json({"ok": False, "error": f'no rollout named "{name}" (known: {known})'}, status=404)
+        if name is None and len(app.config.rollouts) > 1:
+            names = ", ".join(r.name for r in app.config.rollouts)
+            error = f"several rollouts ({names}): use /rollouts/{{name}}/{command}"
+            return _json({"ok": False, "error": error}, status=409)
+        name = name or app.config.rollouts[0].name
+        full = request.query.get("full", "").lower() in ("1", "true", "yes")
         reason = await _reason(request)
         try:
-            app.controller.command(command, reason)
+            app.controller.command(command, reason, rollout=name, full=full)
         except CommandError as exc:
-            return _json({"ok": False, "error": str(exc), "rollout": rollout_status(app)}, status=409)
+            return _json({"ok": False, "error": str(exc), "rollout": rollout_status(app, name)}, status=409)
         except LookupError as exc:  # the rollout went away with a reload
             return _json({"ok": False, "error": str(exc)}, status=409)
-        log.info("rollout %s via admin API%s", command, f" ({reason})" if reason else "")
-        return _json(rollout_status(app))
+        log.info("rollout %s: %s via admin API%s", name, command, f" ({reason})" if reason else "")
+        return _json(rollout_status(app, name))
 
     async def reload(self, request: web.Request) -> web.StreamResponse:
         """Re-read the config file now; a refused config keeps the old one serving (422)."""

@@ -23,7 +23,7 @@ from proxy.status import admin_url
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 TOKEN_ENV = "CANARY_PROXY_ADMIN_TOKEN"
 ROLLOUT_VERBS = {
-    "promote": "give the canary 100%% now and stop the analysis",
+    "promote": "take the next step now (ends a pause or gate); --full: 100%% now, analysis stops",
     "rollback": "send the canary's traffic to the baseline now (latched until reset)",
     "pause": "freeze the rollout at its current step (a breach still rolls back)",
     "resume": "continue a paused rollout",
@@ -52,7 +52,12 @@ def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     for verb, help_text in ROLLOUT_VERBS.items():
         p = sub.add_parser(verb, help=help_text)
         _common(p)
+        p.add_argument(
+            "rollout", nargs="?", help="the rollout's name (needed when the proxy runs several)"
+        )
         p.add_argument("--reason", help="why (kept in the rollout events and the webhook)")
+        if verb == "promote":
+            p.add_argument("--full", action="store_true", help="skip every remaining step: 100%% now")
         p.set_defaults(func=cmd_rollout, verb=verb)
 
 
@@ -145,7 +150,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     body = {"reason": args.reason} if args.reason else None
     try:
         base, token = _target(args)
-        doc = call_admin(base, "POST", f"/rollout/{args.verb}", token, body, timeout=args.timeout)
+        path = f"/rollouts/{args.rollout}/{args.verb}" if args.rollout else f"/rollout/{args.verb}"
+        if getattr(args, "full", False):
+            path += "?full=1"
+        doc = call_admin(base, "POST", path, token, body, timeout=args.timeout)
     except AdminError as exc:
         print(f"canary-proxy: {exc}", file=sys.stderr)
         return 1
@@ -160,7 +168,8 @@ def describe_rollout(ro: dict[str, Any] | None) -> str:
     """One line: `canary canary is paused at step 2/5 (weight 10%)`."""
     if not ro:
         return "no rollout configured"
-    parts = [f"canary {ro.get('canary')} is {_phase_word(ro.get('phase'))}"]
+    named = f"rollout {ro['name']}: " if ro.get("name") and ro.get("name") != "default" else ""
+    parts = [f"{named}canary {ro.get('canary')} is {_phase_word(ro.get('phase'))}"]
     steps = ro.get("steps") or []
     if steps and ro.get("phase") in ("progressing", "paused"):
         parts.append(f"at step {_step_text(ro)}")
@@ -187,8 +196,6 @@ def format_status(doc: dict[str, Any], *, base: str = "", ascii_only: bool = Fal
 
 def _header(doc: dict[str, Any], now: float, base: str, ascii_only: bool) -> list[str]:
     sym = ASCII_SYMBOLS if ascii_only else SYMBOLS
-    vsym = ASCII_VERDICT_SYMBOLS if ascii_only else VERDICT_SYMBOLS
-    arrow = "->" if ascii_only else "→"
     where = f" at {base}" if base else ""
     head: list[tuple[str, str]] = [("Proxy", f"canary-proxy {doc.get('version', '?')}{where}")]
     if doc.get("draining"):
@@ -200,33 +207,58 @@ def _header(doc: dict[str, Any], now: float, base: str, ascii_only: bool) -> lis
         when = _ago(cfg.get("last_error_at"), now)
         head.append(("", f"{sym['rolled_back']} last reload failed {when}: {cfg['last_error']}"))
     ro = doc.get("rollout")
-    if not ro:
+    rollouts = doc.get("rollouts") or ([ro] if ro else [])
+    if not rollouts:
         head.append(("Rollout", "none configured"))
-    else:
-        phase = ro.get("phase")
-        head.append(("Rollout", f"{ro.get('canary')} vs baseline {ro.get('baseline')}"))
-        head.append(("Status", f"{sym.get(phase or '', '?')} {_phase_word(phase).capitalize()}"))
-        if ro.get("steps"):
-            on_step = ""
-            if phase in ("progressing", "paused") and ro.get("step_started_at"):
-                on_step = f", on this step for {_duration(now - float(ro['step_started_at']))}"
-            head.append(("Step", f"{_step_text(ro)}  ({_step_ladder(ro, arrow)}){on_step}"))
-        weight = ro.get("canary_weight")
-        head.append(("Canary weight", _pct(weight) if weight is not None else "as configured"))
-        verdict = ro.get("last_verdict")
-        text = "none yet"
-        if verdict:
-            result = str(verdict.get("result"))
-            text = f"{vsym.get(result, '?')} {result}"
-            if verdict.get("reason"):
-                text += f": {verdict['reason']}"
-            if verdict.get("at"):
-                text += f" ({_ago(verdict['at'], now)})"
-        head.append(("Last verdict", text))
-        if ro.get("reason"):
-            head.append(("Reason", str(ro["reason"])))
+    for one in rollouts:
+        named = len(rollouts) > 1 or one.get("name") not in (None, "default")
+        head += _rollout_lines(one, now, ascii_only, named=named)
     width = max(len(k) for k, _ in head) + 2
     return [(f"{k}:" if k else "").ljust(width) + v for k, v in head]
+
+
+def _rollout_lines(ro: dict[str, Any], now: float, ascii_only: bool, *, named: bool) -> list[tuple[str, str]]:
+    """The header block of one rollout."""
+    sym = ASCII_SYMBOLS if ascii_only else SYMBOLS
+    vsym = ASCII_VERDICT_SYMBOLS if ascii_only else VERDICT_SYMBOLS
+    arrow = "->" if ascii_only else "→"
+    head: list[tuple[str, str]] = []
+    phase = ro.get("phase")
+    name = f"{ro.get('name')}: " if named else ""
+    head.append(("Rollout", f"{name}{ro.get('canary')} vs baseline {ro.get('baseline')}"))
+    status = f"{sym.get(phase or '', '?')} {_phase_word(phase).capitalize()}"
+    if ro.get("stalled"):
+        status += " (stalled: no step within the progress deadline)"
+    head.append(("Status", status))
+    if ro.get("mode") == "observe":
+        head.append(("Mode", "observe: decisions are logged, weights stay as configured"))
+    if ro.get("steps"):
+        on_step = ""
+        if phase in ("progressing", "paused") and ro.get("step_started_at"):
+            on_step = f", on this step for {_duration(now - float(ro['step_started_at']))}"
+        kind = ro.get("step_kind")
+        what = f" {kind}" if kind and kind != "weight" else ""
+        head.append(("Step", f"{_step_text(ro)}{what}  ({_step_ladder(ro, arrow)}){on_step}"))
+    weight = ro.get("canary_weight")
+    head.append(("Canary weight", _pct(weight) if weight is not None else "as configured"))
+    gate = ro.get("gate")
+    if gate:
+        head.append(("Gate", f"{'open' if gate.get('open') else 'closed'} ({gate.get('answer')})"))
+    for check in ro.get("checks") or []:
+        head.append(("Check", f"{check.get('name')}: {check.get('status')} - {check.get('detail')}"))
+    verdict = ro.get("last_verdict")
+    text = "none yet"
+    if verdict:
+        result = str(verdict.get("result"))
+        text = f"{vsym.get(result, '?')} {result}"
+        if verdict.get("reason"):
+            text += f": {verdict['reason']}"
+        if verdict.get("at"):
+            text += f" ({_ago(verdict['at'], now)})"
+    head.append(("Last verdict", text))
+    if ro.get("reason"):
+        head.append(("Reason", str(ro["reason"])))
+    return head
 
 
 def _routes_table(routes: list[dict[str, Any]], arrow: str) -> list[str]:

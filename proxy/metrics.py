@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import (
 
 from proxy import __version__
 from proxy.analysis.rollout import RolloutState
+from proxy.analysis_metrics import analysis_families
 from proxy.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
 
 if TYPE_CHECKING:
@@ -196,26 +197,32 @@ def _rollout(app: ProxyApp) -> Iterator[Metric]:
     step = GaugeMetricFamily(
         "canary_proxy_rollout_step",
         "Current rollout step number (1-based) of the canary; 0 when steady or rolled back.",
-        labels=["upstream"],
+        labels=["rollout", "upstream"],
     )
     phase = GaugeMetricFamily(
         "canary_proxy_rollout_phase",
         "1 for the rollout's current phase, 0 for the others (no series without a rollout).",
-        labels=["phase"],
+        labels=["rollout", "phase"],
+    )
+    stalled = GaugeMetricFamily(
+        "canary_proxy_rollout_stalled",
+        "1 while the rollout has taken no step for its progress_deadline, else 0.",
+        labels=["rollout"],
     )
     counts = dict(app.stats.rollbacks)
-    cfg = app.config.rollout
-    state = current_state(app)
-    if cfg is not None:
+    states = current_states(app)
+    for cfg in app.config.rollouts:
         counts.setdefault(cfg.canary, 0)
+        state = states.get(cfg.name)
         if state is not None:
             number = 0 if state.phase in ("steady", "rolled_back") else state.step_index + 1
-            step.add_metric([cfg.canary], number)
+            step.add_metric([cfg.name, cfg.canary], number)
             for p in PHASES:
-                phase.add_metric([p], 1.0 if p == state.phase else 0.0)
+                phase.add_metric([cfg.name, p], 1.0 if p == state.phase else 0.0)
+            stalled.add_metric([cfg.name], 1.0 if state.stalled else 0.0)
     for upstream, n in sorted(counts.items()):
         rollbacks.add_metric([upstream], n)
-    return iter((rollbacks, step, phase))
+    return iter((rollbacks, step, phase, stalled, *analysis_families(app)))
 
 
 def _per_upstream(name: str, doc: str, counts: dict[str, int], names: list[str]) -> CounterMetricFamily:
@@ -230,6 +237,15 @@ def _per_upstream(name: str, doc: str, counts: dict[str, int], names: list[str])
 
 def _upstream_names(app: ProxyApp) -> list[str]:
     return list(app.config.upstreams)
+
+
+def current_states(app: ProxyApp) -> dict[str, RolloutState]:
+    """Every rollout's state in force, by name (the controllers', else the snapshot's)."""
+    if app.controller is not None:
+        return app.controller.states
+    if app.plane is not None:
+        return dict(app.plane.snapshot.rollout_states)
+    return {}
 
 
 def current_state(app: ProxyApp) -> RolloutState | None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from proxy import __version__, native
-from proxy.analysis.rollout import canary_weight
+from proxy.analysis.rollout import canary_weight, ladder_weight
 from proxy.analysis.window import WindowStats
-from proxy.metrics import current_state
+from proxy.metrics import current_state, current_states
 
 if TYPE_CHECKING:
+    from proxy.analysis.controller import RolloutController
     from proxy.app import ProxyApp
     from proxy.config.model import Config, Route
 
@@ -40,18 +41,39 @@ def build_status(app: ProxyApp) -> dict[str, Any]:
         "upstreams": _upstreams(app, now),
         "routes": _routes(app),
         "rollout": rollout_status(app),
+        "rollouts": rollouts_status(app),
         "events": _events(app),
     }
 
 
-def rollout_status(app: ProxyApp) -> dict[str, Any] | None:
-    """The `rollout` part of the status (None without a rollout); also the body of POST /rollout/*."""
-    cfg = app.config.rollout
+def rollouts_status(app: ProxyApp) -> list[dict[str, Any]]:
+    """Every rollout's status, in config order (`rollouts` in /status, GET /rollouts)."""
+    out: list[dict[str, Any]] = []
+    for cfg in app.config.rollouts:
+        one = rollout_status(app, cfg.name)
+        if one is not None:
+            out.append(one)
+    return out
+
+
+def rollout_status(app: ProxyApp, name: str | None = None) -> dict[str, Any] | None:
+    """One rollout's status (default: the first; None without one); also the body of the POSTs."""
+    cfg = app.config.rollout if name is None else app.config.rollout_named(name)
     if cfg is None:
         return None
-    state = current_state(app)
-    last = _last_verdict(app)
+    state = current_states(app).get(cfg.name)
+    ctl = app.controller.controller(cfg.name) if app.controller is not None else None
+    last = _last_verdict(app, cfg.name)
+    step = cfg.step(state.step_index) if state is not None and cfg.steps else None
     return {
+        "name": cfg.name,
+        "mode": cfg.mode,
+        "stalled": state.stalled if state is not None else False,
+        "step_kind": step.kind if step is not None else None,
+        "would_weight": ladder_weight(state, cfg),
+        "gate": ctl.status().get("gate") if ctl is not None else None,
+        "checks": ctl.status().get("checks", []) if ctl is not None else [],
+        "analysis": _analysis(ctl),
         "canary": cfg.canary,
         "baseline": cfg.baseline,
         "phase": state.phase if state is not None else None,
@@ -65,11 +87,25 @@ def rollout_status(app: ProxyApp) -> dict[str, Any] | None:
     }
 
 
-def _last_verdict(app: ProxyApp) -> dict[str, Any] | None:
+def _analysis(ctl: RolloutController | None) -> dict[str, Any] | None:
+    """The latest tick's windows (what /metrics shows as canary_proxy_analysis_*)."""
+    analysis = ctl.analysis if ctl is not None else None
+    if analysis is None:
+        return None
+    return {
+        "at": analysis.at,
+        "verdict": analysis.verdict.kind,
+        "canary": window_summary(analysis.canary),
+        "baseline": window_summary(analysis.baseline),
+    }
+
+
+def _last_verdict(app: ProxyApp, name: str | None = None) -> dict[str, Any] | None:
     """The latest analysis tick's verdict; else the one behind the last automatic transition."""
-    state = current_state(app)
+    states = current_states(app)
+    state = states.get(name) if name is not None else current_state(app)
     recorded = state.last_verdict if state is not None else None
-    controller = app.controller
+    controller = app.controller.controller(name) if app.controller is not None and name else app.controller
     verdict = controller.last_verdict if controller is not None else None
     if verdict is None:
         if recorded is None:
@@ -98,13 +134,15 @@ def window_summary(stats: WindowStats) -> dict[str, Any]:
 
 def _upstreams(app: ProxyApp, now: float) -> dict[str, Any]:
     config = app.config
-    window = config.rollout.window if config.rollout is not None else DEFAULT_WINDOW
     plane = app.plane
     pools = plane.pools.pools if plane is not None else {}
     loop_now = plane.loop_time() if plane is not None else 0.0  # ejections are in loop time
     out: dict[str, Any] = {}
     for name, up in config.upstreams.items():
         keys = [ep.key for ep in up.endpoints]
+        owner = config.rollout_of(name)
+        first = config.rollout
+        window = owner.window if owner is not None else first.window if first is not None else DEFAULT_WINDOW
         us = app.stats.upstreams.get(name)
         stats = us.window.stats(now, window) if us is not None else WindowStats.empty(window)
         out[name] = {

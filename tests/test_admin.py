@@ -139,7 +139,7 @@ async def test_rollout_commands_change_routing(
     assert status == 409 and "reset first" in err["error"] and err["rollout"]["phase"] == "rolled_back"
     status, ro = await post("reset")
     assert status == 200 and ro["phase"] == "progressing" and ro["step"] == 0
-    status, ro = await post("promote")
+    status, ro = await post("promote?full=1")
     assert status == 200 and ro["phase"] == "promoted" and ro["canary_weight"] == 100.0
     async with aiohttp.ClientSession() as s, s.get(admin(app, "/status")) as r:
         doc = await r.json()

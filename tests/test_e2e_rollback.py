@@ -250,8 +250,8 @@ async def test_failing_canary_is_rolled_back_latched_across_restart_and_reset_by
     assert sample(m, "canary_proxy_upstream_weight", route="default", upstream="canary") == 0
     assert sample(m, "canary_proxy_upstream_weight", route="default", upstream="stable") == 100
     assert sample(m, "canary_proxy_rollbacks_total", upstream="canary") == 1
-    assert sample(m, "canary_proxy_rollout_phase", phase="rolled_back") == 1
-    assert sample(m, "canary_proxy_rollout_phase", phase="steady") == 0
+    assert sample(m, "canary_proxy_rollout_phase", rollout="default", phase="rolled_back") == 1
+    assert sample(m, "canary_proxy_rollout_phase", rollout="default", phase="steady") == 0
 
     # No user request reaches the canary any more, header-routed ones included.
     switch.fail = False  # so that a leak would show up as a 200 from the canary, not only a 500
@@ -288,7 +288,7 @@ async def test_failing_canary_is_rolled_back_latched_across_restart_and_reset_by
     assert doc["rollout"]["reason"] == ro["reason"]
     m = await metrics(pp.admin_port)
     assert sample(m, "canary_proxy_upstream_weight", route="default", upstream="canary") == 0
-    assert sample(m, "canary_proxy_rollout_phase", phase="rolled_back") == 1
+    assert sample(m, "canary_proxy_rollout_phase", rollout="default", phase="rolled_back") == 1
     seen = len(canary.seen)
     results = await burst(pp.port, 30, {"x-user-id": "u1"}) + await burst(pp.port, 30, {"x-canary": "always"})
     assert {up for _, up, _ in results} == {"stable"}
@@ -384,7 +384,7 @@ async def test_steps_advance_while_healthy_until_promoted(
     m = await metrics(admin_port)
     assert sample(m, "canary_proxy_upstream_weight", route="default", upstream="canary") == 100
     assert sample(m, "canary_proxy_upstream_weight", route="default", upstream="stable") == 0
-    assert sample(m, "canary_proxy_rollout_phase", phase="promoted") == 1
+    assert sample(m, "canary_proxy_rollout_phase", rollout="default", phase="promoted") == 1
     results = await burst(port, 20, {"x-user-id": "u7"})
     assert {up for _, up, _ in results} == {"canary"}
 
@@ -423,7 +423,7 @@ async def test_pause_freezes_promote_jumps_rollback_trips(
         assert doc["rollout"]["canary_weight"] == 10
         assert [e["kind"] for e in doc["events"]] == ["paused"]
 
-        code, body = await admin(admin_port, "POST", "/rollout/promote")
+        code, body = await admin(admin_port, "POST", "/rollout/promote?full=1")
         assert code == 200, body
         assert body["phase"] == "promoted" and body["canary_weight"] == 100
         m = await metrics(admin_port)
@@ -441,7 +441,7 @@ async def test_pause_freezes_promote_jumps_rollback_trips(
     m = await metrics(admin_port)
     assert sample(m, "canary_proxy_upstream_weight", route="default", upstream="canary") == 0
     assert sample(m, "canary_proxy_rollbacks_total", upstream="canary") == 1
-    assert sample(m, "canary_proxy_rollout_phase", phase="rolled_back") == 1
+    assert sample(m, "canary_proxy_rollout_phase", rollout="default", phase="rolled_back") == 1
     doc = await status(admin_port)
     assert [e["kind"] for e in doc["events"]] == ["paused", "promoted", "rollback"]
 

@@ -92,7 +92,7 @@ async def test_exposition_parses_and_has_every_family(app: ProxyApp) -> None:
     s = samples(text)
     assert value(s, "canary_proxy_build_info", version="0.1.0") == 1.0
     assert value(s, "canary_proxy_rollbacks_total", upstream="canary") == 0.0
-    assert value(s, "canary_proxy_rollout_step", upstream="canary") == 1.0
+    assert value(s, "canary_proxy_rollout_step", rollout="default", upstream="canary") == 1.0
     phases = {
         dict(labels)["phase"]: v for (name, labels), v in s.items() if name == "canary_proxy_rollout_phase"
     }
@@ -157,9 +157,9 @@ async def test_rollback_moves_weights_phase_and_counter(app: ProxyApp) -> None:
     app.controller.command("rollback", "test")
     s = samples((await scrape(app))[1])
     assert value(s, "canary_proxy_rollbacks_total", upstream="canary") == 1
-    assert value(s, "canary_proxy_rollout_phase", phase="rolled_back") == 1
-    assert value(s, "canary_proxy_rollout_phase", phase="progressing") == 0
-    assert value(s, "canary_proxy_rollout_step", upstream="canary") == 0
+    assert value(s, "canary_proxy_rollout_phase", rollout="default", phase="rolled_back") == 1
+    assert value(s, "canary_proxy_rollout_phase", rollout="default", phase="progressing") == 0
+    assert value(s, "canary_proxy_rollout_step", rollout="default", upstream="canary") == 0
     assert value(s, "canary_proxy_upstream_weight", route="api", upstream="canary") == 0.0
     assert value(s, "canary_proxy_upstream_weight", route="api", upstream="stable") == 100.0
     # `to: canary` now serves the baseline; the canary stays visible at 0.

@@ -52,7 +52,22 @@ PROXY_METRICS = {
     "canary_proxy_endpoint_ejected",
     "canary_proxy_retries_total",
     "canary_proxy_build_info",
+    "canary_proxy_rollout_stalled",
+    "canary_proxy_analysis_window_requests",
+    "canary_proxy_analysis_window_errors",
+    "canary_proxy_analysis_error_rate",
+    "canary_proxy_analysis_p99_seconds",
+    "canary_proxy_analysis_verdict",
+    "canary_proxy_analysis_last_evaluation_timestamp_seconds",
+    "canary_proxy_analysis_check_value",
+    "canary_proxy_analysis_check_status",
 } | {f"canary_proxy_request_duration_seconds_{s}" for s in ("bucket", "sum", "count")}
+# Series that exist only with data: a p99 needs requests in the window, check series need `checks:`.
+SOMETIMES = {
+    "canary_proxy_analysis_p99_seconds",
+    "canary_proxy_analysis_check_value",
+    "canary_proxy_analysis_check_status",
+}
 
 
 def default_collector_metrics() -> set[str]:
@@ -161,7 +176,11 @@ upstreams:
   stable: {{endpoints: [http://127.0.0.1:{runner.addresses[0][1]}]}}
   canary: {{endpoints: [http://127.0.0.1:{dead}]}}
 routes: [{{name: default, split: {{stable: 50, canary: 50}}}}]
-rollout: {{canary: canary, baseline: stable, steps: [50, 100]}}
+rollout:
+  canary: canary
+  baseline: stable
+  steps: [50, 100]
+  checks: [{{name: c, prometheus: "http://127.0.0.1:{dead}", query: up, max: 1}}]
 """)
     proxy = ProxyApp(cfg, watch=False)
     await proxy.start()
@@ -181,7 +200,8 @@ rollout: {{canary: canary, baseline: stable, steps: [50, 100]}}
     for line in exposition.splitlines():
         if m := re.match(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? ", line):
             labels.setdefault(m.group(1), set()).update(re.findall(r'(\w+)="', m.group(2) or ""))
-    assert {n for n in labels if n.startswith("canary_proxy_")} == PROXY_METRICS
+    exported = {n for n in labels if n.startswith("canary_proxy_")}
+    assert PROXY_METRICS - SOMETIMES <= exported <= PROXY_METRICS, exported ^ PROXY_METRICS
     queries = [r["expr"] for r in alert_rules()] + dashboard_exprs()
     grouped = {lbl.strip() for q in queries
                for group in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", q) for lbl in group.split(",")}
@@ -405,8 +425,18 @@ tests:
       - series: >-
           canary_proxy_upstream_weight{job="canary-proxy",instance="p",route="default",upstream="stable"}
         values: '95x30'
-      - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",phase="paused"}'
+      - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",rollout="web",phase="paused"}'
         values: '1x200'
+      - series: 'canary_proxy_rollout_stalled{job="canary-proxy",instance="p",rollout="web"}'
+        values: '0x10 1x20 0x10'
+      - series: 'canary_proxy_rollout_stalled{job="canary-proxy",instance="p",rollout="api"}'
+        values: '0x60'
+      - series: >-
+          canary_proxy_analysis_verdict{job="canary-proxy",instance="p",rollout="api",result="insufficient_data"}
+        values: '0x5 1x50'
+      - series: >-
+          canary_proxy_analysis_verdict{job="canary-proxy",instance="p",rollout="web",result="insufficient_data"}
+        values: '1x10 0x50'
     alert_rule_test:
       - {eval_time: 2m, alertname: CanaryRolledBack, exp_alerts: []}
       - eval_time: 6m
@@ -428,7 +458,16 @@ tests:
       - {eval_time: 60m, alertname: CanaryRolloutPausedTooLong, exp_alerts: []}
       - eval_time: 150m
         alertname: CanaryRolloutPausedTooLong
-        exp_alerts: [{exp_labels: {severity: info, job: canary-proxy, instance: p}}]
+        exp_alerts: [{exp_labels: {severity: info, job: canary-proxy, instance: p, rollout: web}}]
+      - {eval_time: 10m, alertname: CanaryRolloutStalled, exp_alerts: []}
+      - eval_time: 13m
+        alertname: CanaryRolloutStalled
+        exp_alerts: [{exp_labels: {severity: warning, job: canary-proxy, instance: p, rollout: web}}]
+      - {eval_time: 35m, alertname: CanaryRolloutStalled, exp_alerts: []}
+      - {eval_time: 20m, alertname: CanaryAnalysisInsufficientData, exp_alerts: []}
+      - eval_time: 40m
+        alertname: CanaryAnalysisInsufficientData
+        exp_alerts: [{exp_labels: {severity: info, job: canary-proxy, instance: p, rollout: api}}]
 """
 
 

@@ -101,7 +101,7 @@ def test_breach_while_paused_or_steady_still_rolls_back() -> None:
 
 
 def test_promoted_stops_the_analysis() -> None:
-    s, _ = on_command(initial_state(STEPS, None, 0.0), "promote", STEPS, 1.0)
+    s, _ = on_command(initial_state(STEPS, None, 0.0), "promote", STEPS, 1.0, full=True)
     assert on_verdict(s, BREACH, STEPS, 2.0) == (s, [])
     # ...but an operator can still roll back.
     assert on_command(s, "rollback", STEPS, 3.0, "bad metrics")[0].reason == "manual rollback: bad metrics"
@@ -125,7 +125,7 @@ def test_pause_freezes_and_resume_restarts_the_interval() -> None:
 
 def test_promote_rollback_reset() -> None:
     s = initial_state(STEPS, "v2", 0.0)
-    p, events = on_command(s, "promote", STEPS, 5.0)
+    p, events = on_command(s, "promote", STEPS, 5.0, full=True)
     assert p.phase == "promoted" and canary_weight(p, STEPS) == 100 and events[0].kind == "promoted"
     r, events = on_command(p, "rollback", STEPS, 6.0)
     assert r.phase == "rolled_back" and r.reason == "manual rollback" and events[0].kind == "rollback"
@@ -182,7 +182,7 @@ def test_effective_split_with_steps_keeps_order_and_proportions() -> None:
     assert sum(weights.values()) == pytest.approx(100.0, abs=1e-9)
     # The others all zero: the rest goes to the baseline.
     assert effective_split((("canary", 100.0),), STEPS, state_at(0)) == (("canary", 5.0), ("stable", 95.0))
-    promoted, _ = on_command(state_at(0), "promote", STEPS, 1.0)
+    promoted, _ = on_command(state_at(0), "promote", STEPS, 1.0, full=True)
     assert dict(effective_split(split, STEPS, promoted)) == {"stable": 0.0, "canary": 100.0, "legacy": 0.0}
 
 

@@ -57,7 +57,9 @@ async def send(app: ProxyApp, n: int, **headers: str) -> None:
 async def test_status_shape(app: ProxyApp) -> None:
     await send(app, 4, **{"user-type": "beta-tester"})
     doc = build_status(app)
-    assert set(doc) == {"version", "hot_path", "draining", "now", "config", "upstreams", "routes", "rollout", "events"}
+    assert set(doc) == {
+        "version", "hot_path", "draining", "now", "config", "upstreams", "routes", "rollout", "rollouts", "events"
+    }
     assert doc["hot_path"] == native.state()
     assert doc["version"] == "0.1.0" and doc["draining"] is False
     assert set(doc["config"]) == {"hash", "path", "loaded_at", "last_error", "last_error_at"}
@@ -141,7 +143,8 @@ async def test_rollout_verbs(app: ProxyApp, capsys: pytest.CaptureFixture[str]) 
         ("promote", "promoted"),
     ]
     for verb, phase in steps:
-        assert await cli(verb, "--admin", url, "--reason", f"test {verb}") == 0, verb
+        full = ["--full"] if verb == "promote" else []  # plain promote takes one step
+        assert await cli(verb, "--admin", url, "--reason", f"test {verb}", *full) == 0, verb
         state = app.controller.state
         assert state is not None and state.phase == phase, verb
         assert capsys.readouterr().out.startswith(f"{verb}: canary canary is {phase.replace('_', ' ')}")

@@ -17,6 +17,9 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from proxy.analysis.checks import CheckResult, CheckRunner, combine
+from proxy.analysis.gates import GateRunner
+from proxy.analysis.notify import Notifier
 from proxy.analysis.rollout import (
     Command,
     JSONScalar,
@@ -28,9 +31,6 @@ from proxy.analysis.rollout import (
     reconcile,
     trip,
 )
-from proxy.analysis.checks import CheckRunner, combine
-from proxy.analysis.gates import GateRunner
-from proxy.analysis.notify import Notifier
 from proxy.analysis.statefile import load_state, save_state, state_to_dict
 from proxy.analysis.steps import Analysis, judging, stamp
 from proxy.analysis.verdict import Verdict, judge
@@ -81,6 +81,15 @@ class RolloutController:
         self._gates = GateRunner()
         self._checks = CheckRunner()
         self.analysis: Analysis | None = None  # the figures of the latest tick, for /metrics
+
+    @property
+    def check_results(self) -> dict[str, CheckResult]:
+        """The latest result of each configured Prometheus check (hold until its first answer)."""
+        rollout = self._rollout()
+        if rollout is None:
+            return {}
+        waiting = "not evaluated yet"
+        return {c.name: self._checks.results.get(c.name, CheckResult(c.name, "hold", waiting)) for c in rollout.checks}
 
     @property
     def name(self) -> str | None:

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 from yaml.nodes import ScalarNode
 
 from proxy.config.errors import ConfigError
-from proxy.config.rollouts import RolloutKeys
 from proxy.config.model import (
     AccessLog,
     Address,
@@ -39,6 +38,7 @@ from proxy.config.model import (
     Timeouts,
     Upstream,
 )
+from proxy.config.rollouts import RolloutKeys
 from proxy.config.units import (
     fmt_duration,
     fmt_number,
@@ -480,4 +480,5 @@ class _Parser:
 
 def _rollout(steps: tuple[Step, ...] = (), **kw: Any) -> Rollout:
     """Rollout(...) from the parsed keys: `steps` holds each step's weight, `step_specs` the steps."""
-    return Rollout(steps=tuple(s.weight for s in steps), step_specs=steps, **kw)
+    plain = all(s.kind == "weight" for s in steps)  # a ladder of numbers needs no step objects
+    return Rollout(steps=tuple(s.weight for s in steps), step_specs=() if plain else steps, **kw)

@@ -123,7 +123,8 @@ class RolloutKeys:
                 continue
             if step.kind == "weight":
                 if step.weight <= weight and any(s.kind == "weight" for s in out):
-                    r.error(item, f"steps must increase strictly ({fmt_number(step.weight)} after {fmt_number(weight)})")
+                    prev = fmt_number(weight)
+                    r.error(item, f"steps must increase strictly ({fmt_number(step.weight)} after {prev})")
                     ok = False
                 weight = step.weight
             out.append(step)
