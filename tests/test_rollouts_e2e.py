@@ -8,6 +8,7 @@ progress deadline; observe mode; the analysis on /metrics against /status and `p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -73,10 +74,8 @@ class Load:
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
 
 
 async def switchable(factory: UpstreamFactory, name: str) -> tuple[Upstream, Switch]:
@@ -124,8 +123,12 @@ async def ticks(port: int, name: str, n: int) -> None:
     """Wait until the rollout has been evaluated `n` more times (its last evaluation moves on)."""
     for _ in range(n):
         before = (await rollout_doc(port, name))["analysis"]
-        at = before["at"] if before else 0.0
-        await until(port, name, "the next evaluation", lambda ro: bool(ro["analysis"]) and ro["analysis"]["at"] > at)
+        at: float = before["at"] if before else 0.0
+
+        def later(ro: dict[str, Any], at: float = at) -> bool:
+            return bool(ro["analysis"]) and ro["analysis"]["at"] > at
+
+        await until(port, name, "the next evaluation", later)
 
 
 # -- two rollouts --------------------------------------------------------------------------------------
@@ -413,7 +416,10 @@ async def test_analysis_metrics_match_status_and_pass_promtool(
     app = await proxy_factory(one_rollout_config(stable.url, canary.url, rollout, "{stable: 60, canary: 40}"))
     port, admin_port = ports(app)
     async with Load(port, rate=100):
-        await until(admin_port, "shop", "evidence", lambda ro: bool(ro["analysis"]) and ro["analysis"]["canary"]["requests"] > 20)
+        def enough(ro: dict[str, Any]) -> bool:
+            return bool(ro["analysis"]) and ro["analysis"]["canary"]["requests"] > 20
+
+        await until(admin_port, "shop", "evidence", enough)
 
     async def consistent() -> tuple[str, dict[str, Any]] | None:
         # One tick's figures: the evaluation time is the same before and after reading /status.
