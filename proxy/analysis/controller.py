@@ -225,7 +225,7 @@ class RolloutController:
             "weight": canary_weight(state, rollout),
             "state": state_to_dict(state),
             "gate": self._gates.last,
-            "checks": [r.to_dict() for r in self._checks.results.values()],
+            "checks": [r.to_dict() for r in self.check_results.values()],
             "verdict": None
             if verdict is None
             else {"kind": verdict.kind, "reason": verdict.reason, "figures": verdict.figures.as_dict()},
