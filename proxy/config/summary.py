@@ -27,7 +27,8 @@ def summarize(cfg: Config) -> str:
     if cfg.limits.max_body_size is not None:
         lines.append(f"max body size {fmt_size(cfg.limits.max_body_size)}")
     if cfg.rollout is not None:
-        lines.extend(_rollout(cfg.rollout))
+        for rollout in cfg.rollouts:
+            lines.extend(_rollout(rollout))
     else:
         lines.append("rollout: none (weights stay as configured)")
     return "\n".join(lines)
@@ -67,8 +68,19 @@ def _matcher(what: str, name: str, m: StringMatch) -> str:
     return f"{what} {name} {op} {value}"
 
 
+def _step(r: Rollout, i: int) -> str:
+    step = r.step(i)
+    if step.kind == "pause":
+        return f"pause {fmt_duration(step.pause)}" if step.pause is not None else "pause until promote"
+    if step.kind == "gate":
+        return "gate"
+    if step.kind == "analysis":
+        return f"analysis (min {step.min_requests} requests)"
+    return f"{fmt_number(step.weight)}%"
+
+
 def _rollout(r: Rollout) -> list[str]:
-    steps = " -> ".join(f"{fmt_number(s)}%" for s in r.steps) or "none"
+    steps = " -> ".join(_step(r, i) for i in range(len(r.steps))) or "none"
     t = r.thresholds
     checks = []
     if t.max_error_rate is not None:
@@ -81,8 +93,11 @@ def _rollout(r: Rollout) -> list[str]:
         checks.append(f"p99 > {fmt_number(t.max_p99_ratio)}x baseline")
     if r.fast_fail.consecutive_errors:
         checks.append(f"{r.fast_fail.consecutive_errors} consecutive errors")
+    named = f' "{r.name}"' if r.name != "default" else ""
+    checks += [f"check {c.name}" for c in r.checks]
     lines = [
-        f'rollout: canary "{r.canary}" vs baseline "{r.baseline}"',
+        f'rollout{named}: canary "{r.canary}" vs baseline "{r.baseline}"'
+        + (" (observe mode: weights never change)" if r.mode == "observe" else ""),
         f"  steps {steps}, every {fmt_duration(r.interval)} over a {fmt_duration(r.window)} window,"
         f" at least {r.min_requests} requests, confidence {fmt_number(r.confidence)}",
         f"  errors: {', '.join(r.error_statuses)}; roll back on: {', '.join(checks) or 'nothing'}",
@@ -91,6 +106,10 @@ def _rollout(r: Rollout) -> list[str]:
         lines.append(f"  state file {r.state_file}")
     if r.webhook:
         lines.append(f"  webhook {r.webhook}")
+    for hook in r.webhooks:
+        lines.append(f"  webhook {hook.url} ({hook.format}{', signed' if hook.secret else ''})")
+    if r.progress_deadline is not None:
+        lines.append(f"  progress deadline {fmt_duration(r.progress_deadline)}, then {r.on_deadline}")
     return lines
 
 
