@@ -455,3 +455,44 @@ def _eval_at(text: str) -> float | None:
         if line.startswith('canary_proxy_analysis_last_evaluation_timestamp_seconds{rollout="shop"}'):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+# -- reloads -----------------------------------------------------------------------------------------------
+
+
+async def test_reload_adds_and_removes_named_rollouts_keeping_state_by_name(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    ups = {name: await upstream_factory(name) for name in ("a1", "a2", "b1", "b2")}
+    head = (
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\naccess_log: false\nupstreams:\n"
+        + "".join(f"  {n}: {{endpoints: [{u.url}], version: v1}}\n" for n, u in ups.items())
+        + "routes:\n  - {name: web, match: {path_prefix: /web}, split: {a1: 90, a2: 10}}\n"
+        "  - {name: api, split: {b1: 90, b2: 10}}\n"
+    )
+    web_rollout = "{name: web, canary: a2, baseline: a1, steps: [{pause: {}}, 20, 40], interval: 1h}"
+    app = await proxy_factory(head + f"rollout: {web_rollout}\n")
+    _, admin_port = ports(app)
+    code, body = await admin(admin_port, "POST", "/rollout/promote")  # one rollout: the short API works
+    assert code == 200 and body["name"] == "web" and body["step"] == 1, body
+
+    path = Path(app.config.source_path)
+    path.write_text(head + f"rollouts:\n  - {web_rollout}\n  - {{name: api, canary: b2, baseline: b1, steps: [30]}}\n")
+    ok, detail = await app.reload("test")
+    assert ok, detail
+    doc = await status(admin_port)
+    assert [r["name"] for r in doc["rollouts"]] == ["web", "api"]
+    assert doc["rollouts"][0]["step"] == 1  # kept by name
+    assert doc["rollouts"][1]["canary_weight"] == 30
+    effective = {name: dict(split or ()) for name, _, split in app.plane.snapshot.effective}  # type: ignore[union-attr]
+    assert effective["web"]["a2"] == 20 and effective["api"]["b2"] == 30
+
+    path.write_text(head + f"rollout: {web_rollout}\n")
+    ok, detail = await app.reload("test")
+    assert ok, detail
+    doc = await status(admin_port)
+    assert [r["name"] for r in doc["rollouts"]] == ["web"]
+    effective = {name: dict(split or ()) for name, _, split in app.plane.snapshot.effective}  # type: ignore[union-attr]
+    assert effective["api"]["b2"] == 10  # back to the configured weights
+    code, body = await admin(admin_port, "POST", "/rollouts/api/pause")
+    assert code == 404

@@ -28,6 +28,7 @@ def state_to_dict(state: RolloutState) -> dict[str, Any]:
         "changed_at": state.changed_at,
         "reason": state.reason,
         "last_verdict": None if lv is None else {"kind": lv.kind, "reason": lv.reason, "at": lv.at},
+        "stalled": state.stalled,
     }
 
 
@@ -52,6 +53,7 @@ def state_from_dict(data: dict[str, Any]) -> RolloutState:
             changed_at=float(data["changed_at"]),
             reason=None if reason is None else str(reason),
             last_verdict=record,
+            stalled=bool(data.get("stalled", False)),
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed state: {exc!r}") from exc
