@@ -17,10 +17,7 @@ from proxy.config.units import fmt_number, parse_webhook
 from proxy.config.yamlnodes import Reader, Readers, Value
 
 STEP_KINDS = ("weight", "pause", "gate", "analysis")
-EVENT_KINDS = (
-    "step", "promoted", "rollback", "paused", "resumed", "reset", "stalled", "gate", "check",
-    "reload", "reload_failed",
-)  # fmt: skip
+EVENT_KINDS = ("step", "promoted", "rollback", "paused", "resumed", "reset", "stalled")  # what webhooks get
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 ReadRollout = Callable[[Value], Rollout | None]
