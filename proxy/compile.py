@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from proxy.analysis.rollout import RolloutState, effective_split, effective_target
 from proxy.analysis.verdict import error_status_table
-from proxy.config.model import Config, Match, Route, StringMatch
+from proxy.config.model import Config, CookieIssue, Match, Route, StringMatch
+from proxy.mirror import MirrorRule
 from proxy.router import Predicate, RequestView, RouteRule, SplitTable
 from proxy.stats import RouteCounts, Stats, UpstreamStats
 
@@ -125,7 +126,7 @@ def compile_snapshot(
     effective: list[tuple[str, str | None, tuple[tuple[str, float], ...] | None]] = []
     for i, route in enumerate(config.routes):
         predicate = _compile_match(route.match, needed) if route.match is not None else None
-        sticky_header = sticky_cookie = None
+        sticky_header = sticky_cookie = issue = None
         if route.sticky is not None:
             if route.sticky.header:
                 sticky_header = route.sticky.header.lower().encode("latin-1")
@@ -133,12 +134,15 @@ def compile_snapshot(
             elif route.sticky.cookie:
                 sticky_cookie = route.sticky.cookie.encode("latin-1")
                 needed.add(b"cookie")
+                if route.sticky.issue is not None:
+                    issue = cookie_attributes(route.sticky.issue)
+        mirror = _mirror(config, route, stats, rollout_state)
         if route.to is not None:
             to = route.to
             for ro, st in rollouts:
                 to = effective_target(to, ro, st)
             target = Binding(upstreams[to], stats.route_counts_for(route.name, to))
-            rules.append(RouteRule(i, route.name, predicate, target, None))
+            rules.append(RouteRule(i, route.name, predicate, target, None, mirror=mirror))
             effective.append((route.name, to, None))
         else:
             split = _split(route)
@@ -147,7 +151,7 @@ def compile_snapshot(
             table = SplitTable(
                 tuple((Binding(upstreams[n], stats.route_counts_for(route.name, n)), w) for n, w in split)
             )
-            rules.append(RouteRule(i, route.name, predicate, None, table, sticky_header, sticky_cookie))
+            rules.append(RouteRule(i, route.name, predicate, None, table, sticky_header, sticky_cookie, issue, mirror))
             effective.append((route.name, None, split))
 
     fallback: dict[str, UpstreamTarget] = {}
@@ -168,6 +172,45 @@ def compile_snapshot(
         time.time() if loaded_at is None else loaded_at,
         stats.route_counts_for("", ""),
         states,
+    )
+
+
+def cookie_attributes(issue: CookieIssue) -> bytes:
+    """What follows `NAME=ID` in the Set-Cookie of an issued sticky cookie."""
+    parts = [f"Path={issue.path}", f"Max-Age={int(issue.max_age)}"]
+    if issue.domain:
+        parts.append(f"Domain={issue.domain}")
+    if issue.secure:
+        parts.append("Secure")
+    if issue.http_only:
+        parts.append("HttpOnly")
+    parts.append("SameSite=" + issue.same_site.capitalize())
+    return ("; " + "; ".join(parts)).encode("ascii")
+
+
+def _mirror(config: Config, route: Route, stats: Stats, state: RolloutState | None) -> MirrorRule | None:
+    """The route's compiled mirror; none while its upstream is a rolled-back canary (a rollback
+    means no traffic at all for it, copies included, until a reset or a new version)."""
+    m = route.mirror
+    if m is None or m.percent <= 0:
+        return None
+    rollout = config.rollout
+    if rollout is not None and m.to == rollout.canary and state is not None and state.phase == "rolled_back":
+        return None
+    buckets = config.metrics.buckets
+    evidence = stats.upstream(m.to, buckets) if m.analyze else None
+    error_statuses = rollout.error_statuses if rollout is not None else ("5xx",)
+    return MirrorRule(
+        route.name,
+        m.to,
+        config.upstreams[m.to].endpoints,
+        m.percent,
+        m.max_body,
+        stats.mirror_for(route.name, m.to, buckets),
+        evidence,
+        error_status_table(error_statuses),
+        config.timeouts.connect,
+        config.timeouts.response,
     )
 
 
@@ -219,6 +262,8 @@ def _compile_match(match: Match, needed: set[bytes]) -> Predicate:
     if match.methods:
         methods = frozenset(m.encode("ascii") for m in match.methods)
         parts.append(lambda v: v.method in methods)
+    if match.hosts:
+        parts.append(_host_pred(match.hosts))
     if len(parts) == 1:
         return parts[0]
     all_parts = tuple(parts)
@@ -230,6 +275,25 @@ def _compile_match(match: Match, needed: set[bytes]) -> Predicate:
         return True
 
     return every
+
+
+def _host_pred(hosts: tuple[str, ...]) -> Predicate:
+    """Virtual hosts: exact names, and `*.suffix` patterns matching any subdomain (not the apex)."""
+    exact = frozenset(h.encode("ascii") for h in hosts if not h.startswith("*."))
+    suffixes = tuple(h[1:].encode("ascii") for h in hosts if h.startswith("*."))  # ".example.com"
+
+    def test(view: RequestView) -> bool:
+        host = view.vhost()
+        if host is None:
+            return False
+        if host in exact:
+            return True
+        for suffix in suffixes:  # noqa: SIM110 - a plain loop beats any(genexpr) on the hot path
+            if host.endswith(suffix) and len(host) > len(suffix):
+                return True
+        return False
+
+    return test
 
 
 def _header_pred(key: bytes, test: ValueTest) -> Predicate:

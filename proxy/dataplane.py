@@ -24,6 +24,7 @@ from proxy.http1 import headers as H
 from proxy.http1.request import Request
 from proxy.http1.server import P_CONNECT, ClientConnection
 from proxy.http1.upstream import DataPlaneLike, EndpointPool, PoolRegistry, UpstreamConnection
+from proxy.mirror import MirrorRule, Mirrors
 from proxy.router import RequestView, select
 from proxy.stats import KIND_CONNECT, KIND_TIMEOUT, Stats
 
@@ -46,6 +47,7 @@ class DataPlane(DataPlaneLike):
         self.now = monotonic()
         self.rng = rng
         self.pools = PoolRegistry(self)
+        self.mirrors = Mirrors()  # shadow traffic: its own pool and bounded task set
         self.clients: set[ClientConnection] = set()
         self.tunnels: set[ClientConnection] = set()
         self.upstream_conns: set[UpstreamConnection] = set()
@@ -119,6 +121,7 @@ class DataPlane(DataPlaneLike):
             await self.server.wait_closed()
         for c in list(self.clients):
             c.abort()
+        await self.mirrors.close()
         self.pools.close_all()
         for u in list(self.upstream_conns):
             u.abort()
@@ -140,7 +143,8 @@ class DataPlane(DataPlaneLike):
     def route_and_limit(self, req: Request, client: ClientConnection) -> int | None:
         """Route `req` (its head is complete) and build the upstream head; returns the body limit."""
         snap = req.snapshot
-        picked = select(snap.rules, RequestView(req.method, req.path, req.query, req.rhdrs), self.rng)
+        view = RequestView(req.method, req.path, req.query, req.rhdrs, req.host)
+        picked = select(snap.rules, view, self.rng)
         limit = snap.config.limits.max_body_size
         if picked is not None:
             rule, binding = picked
@@ -149,8 +153,23 @@ class DataPlane(DataPlaneLike):
             route_limit = snap.config.routes[rule.index].max_body_size
             if route_limit is not None:
                 limit = route_limit
+            issued = view.issued
+            if issued is not None and rule.sticky_cookie is not None and rule.issue is not None:
+                req.set_cookie = rule.sticky_cookie + b"=" + issued + rule.issue
+            mirror = rule.mirror
+            if mirror is not None:
+                self._mirror(req, mirror, binding)
         req.head = self._head(req, client, snap)
         return limit
+
+    def _mirror(self, req: Request, mirror: object, binding: Binding | None) -> None:
+        """Admit a copy of `req` for the route's mirror (a share of requests, never upgrades, never
+        a request already going to the mirror's upstream)."""
+        assert isinstance(mirror, MirrorRule)
+        if req.upgrade is not None or (binding is not None and binding.upstream.name == mirror.upstream):
+            return
+        if mirror.percent >= 100 or self.rng() * 100 < mirror.percent:
+            self.mirrors.begin(req, mirror)
 
     def _head(self, req: Request, client: ClientConnection, snap: Snapshot) -> bytes:
         lines = req.lines
@@ -343,6 +362,8 @@ class DataPlane(DataPlaneLike):
         """Record a finished exchange (response written, or the client gone)."""
         stats = self.stats
         stats.in_flight -= 1
+        if req.mirror is not None:
+            self.mirrors.drop(req)  # the body never completed
         if req.retries:
             self.retrying -= 1
         status = req.status

@@ -7,6 +7,7 @@ per snapshot, and the data plane calls :func:`select` once per request.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -14,21 +15,69 @@ from urllib.parse import parse_qsl
 
 BUCKETS = 10_000
 T = TypeVar("T")
+# Issued sticky ids: base64url, 128 random bits (22 characters). A cookie value outside these bounds
+# or this alphabet is not ours: it is replaced, never hashed as it is.
+ID_MIN, ID_MAX = 16, 64
+_ID_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def new_sticky_id() -> bytes:
+    """A fresh visitor id for an issued sticky cookie: 128 bits from the OS CSPRNG, no meaning."""
+    return secrets.token_urlsafe(16).encode("ascii")
+
+
+def valid_sticky_id(value: bytes) -> bool:
+    """Whether a cookie value has the shape of an id we issue (length and alphabet)."""
+    return ID_MIN <= len(value) <= ID_MAX and not value.translate(None, _ID_ALPHABET)
+
+
+def normalise_host(host: bytes | None) -> bytes | None:
+    """Host (or :authority) as virtual hosts match it: lower case, without port or trailing dot."""
+    if not host:
+        return None
+    host = host.strip().lower()
+    if host[:1] == b"[":
+        end = host.find(b"]")
+        return host[: end + 1] if end > 0 else host
+    colon = host.rfind(b":")
+    if colon >= 0:
+        host = host[:colon]
+    if host[-1:] == b".":
+        host = host[:-1]
+    return host
 
 
 class RequestView:
     """What routing may look at. `headers` holds only the names some route or sticky rule needs
-    (lower-cased); repeated headers are joined with ", " as Envoy does."""
+    (lower-cased); repeated headers are joined with ", " as Envoy does. `host` is the raw Host (or
+    :authority). After :func:`select`, `issued` holds the sticky id it issued for this request, if any."""
 
-    __slots__ = ("_cookies", "_query", "headers", "method", "path", "query_string")
+    __slots__ = ("_cookies", "_host", "_query", "headers", "host", "issued", "method", "path", "query_string")
 
-    def __init__(self, method: bytes, path: bytes, query_string: bytes, headers: dict[bytes, bytes]) -> None:
+    def __init__(
+        self,
+        method: bytes,
+        path: bytes,
+        query_string: bytes,
+        headers: dict[bytes, bytes],
+        host: bytes | None = None,
+    ) -> None:
         self.method = method
         self.path = path
         self.query_string = query_string
         self.headers = headers
+        self.host = host
+        self.issued: bytes | None = None
         self._cookies: dict[bytes, bytes] | None = None
         self._query: dict[bytes, bytes] | None = None
+        self._host: bytes | None = None
+
+    def vhost(self) -> bytes | None:
+        """The normalised host (see :func:`normalise_host`), computed once."""
+        h = self._host
+        if h is None:
+            h = self._host = normalise_host(self.host) or b""
+        return h or None
 
     def cookie(self, name: bytes) -> bytes | None:
         """The first cookie called `name`, parsed lazily from the Cookie header."""
@@ -128,7 +177,7 @@ class SplitTable(Generic[T]):
 class RouteRule(Generic[T]):
     """One compiled route: a predicate (None = matches all) and either a target or a split."""
 
-    __slots__ = ("index", "name", "predicate", "sticky_cookie", "sticky_header", "table", "target")
+    __slots__ = ("index", "issue", "mirror", "name", "predicate", "sticky_cookie", "sticky_header", "table", "target")
 
     def __init__(
         self,
@@ -139,6 +188,8 @@ class RouteRule(Generic[T]):
         table: SplitTable[T] | None,
         sticky_header: bytes | None = None,
         sticky_cookie: bytes | None = None,
+        issue: bytes | None = None,
+        mirror: object = None,
     ) -> None:
         self.index = index
         self.name = name
@@ -147,14 +198,22 @@ class RouteRule(Generic[T]):
         self.table = table
         self.sticky_header = sticky_header
         self.sticky_cookie = sticky_cookie
+        # Issued sticky cookie: the Set-Cookie attributes after the value ("; Path=/; Max-Age=...").
+        self.issue = issue
+        self.mirror = mirror  # the data plane's compiled mirror rule (proxy.mirror), or None
 
 
 def select(
-    rules: tuple[RouteRule[T], ...], view: RequestView, rng: Callable[[], float]
+    rules: tuple[RouteRule[T], ...],
+    view: RequestView,
+    rng: Callable[[], float],
+    new_id: Callable[[], bytes] = new_sticky_id,
 ) -> tuple[RouteRule[T], T | None] | None:
     """First rule whose predicate holds, and its upstream target.
 
     `rng` (like random.random) supplies the bucket when a split has no sticky key on this request.
+    A rule that issues its sticky cookie replaces a missing or malformed value with `new_id()` (kept in
+    `view.issued`) and routes by that id's bucket, so the first response already decides the side.
     Returns None when no rule matches; the target is None when a split has no live entry.
     """
     for rule in rules:
@@ -169,6 +228,8 @@ def select(
             key = view.headers.get(rule.sticky_header)
         elif rule.sticky_cookie is not None:
             key = view.cookie(rule.sticky_cookie)
+            if rule.issue is not None and (key is None or not valid_sticky_id(key)):
+                key = view.issued = new_id()
         bucket = sticky_bucket(key) if key else int(rng() * BUCKETS)
         return rule, table.pick(bucket)
     return None

@@ -73,6 +73,43 @@ class UpstreamStats:
         self.window.record(now, is_error, duration)
 
 
+MIRROR_SKIPS = ("body_too_large", "overloaded")
+SKIP_TOO_LARGE, SKIP_OVERLOADED = range(2)
+MIRROR_NO_RESPONSE = 6  # by_class index of mirrors that got no response (connect/timeout/reset)
+
+
+class MirrorStats:
+    """`canary_proxy_mirror_*` for one (route, mirror upstream): results by class, skips, latency."""
+
+    __slots__ = (
+        "buckets",
+        "by_class",
+        "duration_count",
+        "duration_counts",
+        "duration_sum",
+        "route",
+        "skipped",
+        "upstream",
+    )
+
+    def __init__(self, route: str, upstream: str, buckets: tuple[float, ...]) -> None:
+        self.route = route
+        self.upstream = upstream
+        self.buckets = buckets
+        self.by_class = [0, 0, 0, 0, 0, 0, 0]  # index = status // 100; MIRROR_NO_RESPONSE = failed
+        self.skipped = [0, 0]  # by MIRROR_SKIPS index
+        self.duration_counts = [0] * (len(buckets) + 1)
+        self.duration_sum = 0.0
+        self.duration_count = 0
+
+    def observe(self, status: int, duration: float) -> None:
+        """One finished mirror exchange (`status` 0: no response)."""
+        self.by_class[status // 100 if status else MIRROR_NO_RESPONSE] += 1
+        self.duration_counts[bisect_left(self.buckets, duration)] += 1
+        self.duration_sum += duration
+        self.duration_count += 1
+
+
 class Stats:
     """All statistics of this process. One instance lives for the process' lifetime."""
 
@@ -86,6 +123,7 @@ class Stats:
         self.retries: dict[str, int] = {}  # by upstream the retry left
         self.ejections: dict[str, int] = {}  # outlier ejections, by upstream
         self.rejected = 0  # malformed client requests answered with 4xx
+        self.mirrors: dict[tuple[str, str], MirrorStats] = {}  # by (route, mirror upstream)
 
     def route_counts_for(self, route: str, upstream: str) -> RouteCounts:
         """The (route, upstream) counter, created on first use; bound once per snapshot."""
@@ -94,6 +132,18 @@ class Stats:
         if rc is None:
             rc = self.route_counts[key] = RouteCounts(route, upstream)
         return rc
+
+    def mirror_for(self, route: str, upstream: str, buckets: tuple[float, ...]) -> MirrorStats:
+        """The (route, mirror upstream) counters; a change of buckets starts a fresh histogram."""
+        key = (route, upstream)
+        ms = self.mirrors.get(key)
+        if ms is None or ms.buckets != buckets:
+            old = ms
+            ms = self.mirrors[key] = MirrorStats(route, upstream, buckets)
+            if old is not None:
+                ms.by_class = old.by_class
+                ms.skipped = old.skipped
+        return ms
 
     def upstream(self, name: str, buckets: tuple[float, ...]) -> UpstreamStats:
         """The stats of upstream `name`; a change of buckets starts a fresh histogram."""

@@ -448,7 +448,7 @@ BAD = [
     (
         HEAD + "  - name: a\n    to: stable\n    mach: {}\n",
         'routes[0].mach: unknown key; did you mean "match"? (allowed: name, match, to, split, sticky,'
-        " max_body_size) "
+        " max_body_size, mirror) "
         "(line 10)",
     ),
     (
@@ -472,7 +472,7 @@ BAD = [
         HEAD + "  - name: a\n    match: {header: {a: b}}\n    to: stable\n",
         'routes[0].match.header: unknown key; did you mean "headers"? (allowed: headers, cookies,'
         " query, path_prefix, "
-        "methods) (line 9)",
+        "methods, host) (line 9)",
     ),
     (
         HEAD + "  - name: a\n    match: {headers: {x: {regex: '(a'}}}\n    to: stable\n",

@@ -18,15 +18,18 @@ from typing import Any, TypeVar
 from yaml.nodes import ScalarNode
 
 from proxy.config.errors import ConfigError
+from proxy.config.hosts import parse_host_pattern
 from proxy.config.model import (
     AccessLog,
     Address,
     Config,
+    CookieIssue,
     Endpoint,
     FastFail,
     Limits,
     Match,
     Metrics,
+    Mirror,
     OutlierDetection,
     Retries,
     Rollout,
@@ -59,8 +62,9 @@ TOP_KEYS = (
     "retries", "outlier_detection", "trusted_proxies", "admin_token", "admin_token_file", "shutdown_grace",
     "rollouts",
 )  # fmt: skip
-ROUTE_KEYS = ("name", "match", "to", "split", "sticky", "max_body_size")
-MATCH_KEYS = ("headers", "cookies", "query", "path_prefix", "methods")
+ROUTE_KEYS = ("name", "match", "to", "split", "sticky", "max_body_size", "mirror")
+MATCH_KEYS = ("headers", "cookies", "query", "path_prefix", "methods", "host")
+SAME_SITE = ("strict", "lax", "none")
 MATCH_KINDS = ("exact", "prefix", "suffix", "contains", "regex", "present")
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: header, cookie, method names
@@ -91,6 +95,29 @@ def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | N
 
 def _hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
+
+
+def _same_site(text: str) -> str:
+    value = text.strip().lower()
+    if value not in SAME_SITE:
+        raise ValueError(f'invalid same_site "{text}" (expected strict, lax or none)')
+    return value
+
+
+_COOKIE_OCTETS = re.compile(r"[\x21-\x3a\x3c-\x7e]+")  # no controls, spaces or ";" (RFC 6265 av-octets)
+
+
+def _cookie_path(text: str) -> str:
+    if not text.startswith("/") or not _COOKIE_OCTETS.fullmatch(text):
+        raise ValueError(f'invalid cookie path "{text}" (must start with "/", no spaces or ";")')
+    return text
+
+
+def _cookie_domain(text: str) -> str:
+    host = parse_host_pattern(text.lstrip("."))
+    if host.startswith("*") or host.startswith("["):
+        raise ValueError(f'invalid cookie domain "{text}"')
+    return host
 
 
 def _parse(text: str, source: str, env: Mapping[str, str] | None) -> Config:
@@ -236,9 +263,28 @@ class _Parser:
         elif "sticky" in given:
             sticky = self.sticky(given["sticky"])
         body = r.size(given["max_body_size"]) if "max_body_size" in given else None
+        mirror = self.mirror(given["mirror"], to, split) if "mirror" in given else None
         if name is None or (to is None and split is None):
             return None
-        return Route(name, match, to, split, sticky, body)
+        return Route(name, match, to, split, sticky, body, mirror)
+
+    def mirror(self, v: Value, to: str | None, split: tuple[tuple[str, float], ...] | None) -> Mirror | None:
+        """`mirror: {to: UPSTREAM, percent: 10, max_body: 1MiB, analyze: true}`."""
+        r = self.r
+        readers: Readers = {
+            "to": lambda x: self.known(x, r.text(x)),
+            "percent": lambda x: r.number(x, 0, 100),
+            "max_body": r.size,
+            "analyze": r.boolean,
+        }
+        mirror = r.record(v, Mirror, readers, required=("to",))
+        if mirror is None:
+            return None
+        own = to if to is not None else next((n for n, w in split or () if w >= 100), None)
+        if own is not None and mirror.to == own:
+            r.error(r.entries(v)["to"], f'mirror must not point at the route\'s own target ("{own}")')
+            return None
+        return mirror
 
     def match(self, v: Value) -> Match | None:
         r = self.r
@@ -264,10 +310,24 @@ class _Parser:
             query=self.matchers(m.get("query"), "query parameter"),
             path_prefix=prefix,
             methods=tuple(methods),
+            hosts=self.hosts(m["host"]) if "host" in m else (),
         )
         if match == Match() and len(r.errors) == before:
             r.error(v, _EMPTY_MATCH)
         return match
+
+    def hosts(self, v: Value) -> tuple[str, ...]:
+        """`host: [shop.example.com, "*.shop.example.com"]` (or one string): normalised patterns."""
+        r = self.r
+        items = [v] if isinstance(v.node, ScalarNode) and not v.is_null else r.sequence(v)
+        if items is not None and not items:
+            r.error(v, "must list at least one host")
+        out: list[str] = []
+        for item in items or []:
+            pattern = r.convert(item, parse_host_pattern, raw=True)
+            if pattern is not None and pattern not in out:
+                out.append(pattern)
+        return tuple(out)
 
     def matchers(self, v: Value | None, what: str, lower: bool = False) -> tuple[tuple[str, StringMatch], ...]:
         out: list[tuple[str, StringMatch]] = []
@@ -333,18 +393,55 @@ class _Parser:
 
     def sticky(self, v: Value) -> Sticky | None:
         r = self.r
-        m = r.mapping(v, ("header", "cookie"))
-        if m is not None and len(m) != 1:
-            r.error(v, 'set exactly one of "header" and "cookie"')
-        if m is None or len(m) != 1:
+        m = r.mapping(v, ("header", "cookie", "issue"))
+        if m is None:
             return None
-        key, kv = next(iter(m.items()))
+        keys = [k for k in ("header", "cookie") if k in m]
+        if len(keys) != 1:
+            r.error(v, 'set exactly one of "header" and "cookie"')
+            return None
+        key, kv = keys[0], m[keys[0]]
+        issue = None
+        if "issue" in m:
+            if key != "cookie":
+                r.error(m["issue"], 'only allowed with "cookie"')
+                return None
+            issue = self.cookie_issue(m["issue"])
+            if issue is None:
+                return None
         name = r.string(kv)
         if name is not None and not _TOKEN.fullmatch(name):
             r.error(kv, f'invalid {key} name "{name}"')
         elif name is not None:
-            return Sticky(header=name.lower()) if key == "header" else Sticky(cookie=name)
+            return Sticky(header=name.lower()) if key == "header" else Sticky(cookie=name, issue=issue)
         return None
+
+    def cookie_issue(self, v: Value) -> CookieIssue | None:
+        """`issue: {max_age: 30d, secure: true, http_only: true, same_site: lax, path: /, domain: ...}`;
+        `issue: true` takes every default."""
+        r = self.r
+        if isinstance(v.node, ScalarNode) and not v.is_null:
+            on = r.boolean(v)
+            if on is False:
+                r.error(v, "expected true or a mapping of cookie attributes; omit issue to switch it off")
+            return CookieIssue() if on else None
+        readers: Readers = {
+            "max_age": r.duration,
+            "secure": r.boolean,
+            "http_only": r.boolean,
+            "same_site": lambda x: r.convert(x, _same_site, raw=True),
+            "path": lambda x: r.convert(x, _cookie_path, raw=True),
+            "domain": lambda x: r.convert(x, _cookie_domain, raw=True),
+        }
+        before = len(r.errors)
+        issue = r.record(v, CookieIssue, readers)
+        if issue is None or len(r.errors) > before:
+            return None
+        if issue.same_site == "none" and not issue.secure:
+            m = r.entries(v)
+            r.error(m["same_site"], "same_site: none needs secure: true (browsers reject such a cookie)")
+            return None
+        return issue
 
     # -- rollout --------------------------------------------------------------------------------
 

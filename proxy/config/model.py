@@ -66,6 +66,20 @@ class Match:
     query: tuple[tuple[str, StringMatch], ...] = ()
     path_prefix: str | None = None
     methods: tuple[str, ...] = ()  # upper-cased; empty = any
+    # Virtual hosts: lower-cased names, or "*.suffix" (any subdomain, not the apex); empty = any.
+    hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CookieIssue:
+    """`sticky.issue`: give a visitor without the sticky cookie a random id in a Set-Cookie."""
+
+    max_age: float = 30 * 86400.0  # seconds
+    secure: bool = False
+    http_only: bool = True
+    same_site: Literal["strict", "lax", "none"] = "lax"
+    path: str = "/"
+    domain: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +88,17 @@ class Sticky:
 
     header: str | None = None  # lower-cased
     cookie: str | None = None
+    issue: CookieIssue | None = None  # only with `cookie`
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """`routes[].mirror`: copy a share of the route's requests to another upstream (shadow traffic)."""
+
+    to: str
+    percent: float = 100.0
+    max_body: int = 1024 * 1024  # larger request bodies are not mirrored (and counted)
+    analyze: bool = False  # the mirror's results are the rollout canary's evidence
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +114,7 @@ class Route:
     split: tuple[tuple[str, float], ...] | None = None
     sticky: Sticky | None = None
     max_body_size: int | None = None  # overrides limits.max_body_size for this route
+    mirror: Mirror | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,10 @@ from proxy.config.model import Address, Endpoint
 DURATION_HINT = "use e.g. 500ms, 2s, 1m"
 SIZE_HINT = "use e.g. 512B, 32KiB, 10MiB"
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # A Go-style duration: one or more <number><unit> parts, e.g. "1m30s", "1.5s", "250ms".
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
-_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h|d))+")
 _PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
 # k/K/KB mean 1024 here, like KiB: nobody sizing a header buffer means 1000 bytes.

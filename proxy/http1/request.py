@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from proxy.compile import Binding, Snapshot
     from proxy.http1.upstream import EndpointPool
+    from proxy.mirror import MirrorJob
 
 # Response body framing towards the client.
 F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
@@ -35,6 +36,7 @@ class Request:
         "lines",
         "max_body",
         "method",
+        "mirror",
         "nheaders",
         "path",
         "peer",
@@ -45,6 +47,7 @@ class Request:
         "rhdrs",
         "route",
         "sent",
+        "set_cookie",
         "snapshot",
         "status",
         "t0",
@@ -99,3 +102,5 @@ class Request:
         self.hsize = 0
         self.nheaders = 0
         self.max_body: int | None = None
+        self.mirror: MirrorJob | None = None  # a copy for the route's mirror, until it is sent
+        self.set_cookie: bytes | None = None  # an issued sticky cookie: the Set-Cookie value

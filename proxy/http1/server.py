@@ -117,6 +117,9 @@ class ClientConnection(asyncio.Protocol):
             self.current = None
             req.status = req.status or 499
             self.plane.finish(req, aborted=True)
+        for waiting in (self.req, *self.queue):
+            if waiting is not None and waiting.mirror is not None:
+                self.plane.mirrors.drop(waiting)  # never started: its mirror copy goes too
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -388,6 +391,8 @@ class ClientConnection(asyncio.Protocol):
             raise Reject(413)
         if self.dkind == D_BODY:
             self.deadline = self.plane.now + self.timeouts.client_body
+        if req.mirror is not None:
+            self.plane.mirrors.body(req, body)
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
             self.forward_body(req, up.transport, body)
@@ -403,6 +408,8 @@ class ClientConnection(asyncio.Protocol):
         req.complete = True
         if self.dkind == D_BODY:
             self.dkind = D_NONE
+        if req.mirror is not None:
+            self.plane.mirrors.complete(req)
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
             if req.te is not None:
@@ -477,6 +484,8 @@ class ClientConnection(asyncio.Protocol):
         extra = H.VIA_LINE
         if not conn.has_reqid and req.reqid is not None:
             extra += b"X-Request-Id: " + req.reqid + b"\r\n"
+        if req.set_cookie is not None:
+            extra += b"Set-Cookie: " + req.set_cookie + b"\r\n"
         if status == 101:
             if req.upgrade is None or conn.upgrade is None:
                 req.status = 0  # nothing was sent: the client gets a 502

@@ -1,0 +1,280 @@
+"""Request mirroring (shadow traffic): `routes[].mirror: {to, percent, max_body, analyze}`.
+
+A chosen share of a route's requests is copied to the mirror upstream once the request body is
+complete; the mirror's response is read and thrown away. Nothing here can delay, fail or change the
+user's exchange:
+
+- the mirror has its own connections (never the primary's pools), opened and read by tasks that are
+  owned by :class:`Mirrors` (a bounded set, cancelled on close; no fire-and-forget);
+- at most `max_in_flight` mirrors (buffering or sending) exist at once; beyond that a request is
+  simply not mirrored (`canary_proxy_mirror_skipped_total{reason="overloaded"}`), so a hung mirror
+  upstream costs a bounded amount of memory and sockets, never the user's latency;
+- the copy of the body is buffered up to `max_body` while the body streams to the primary; a bigger
+  body drops the copy (`reason="body_too_large"`). Memory is bounded by max_in_flight x max_body.
+
+Mirrored requests carry `X-Canary-Proxy-Mirror: 1`; Host is left as the client sent it (the mirror
+is normally the same application; Istio's `-shadow` Host suffix is not added).
+With `analyze: true` each mirror result is also recorded as the mirror upstream's evidence for the
+rollout analysis (a dark launch judged before any user sees the canary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from time import monotonic
+from typing import TYPE_CHECKING
+
+import httptools
+
+from proxy.stats import SKIP_OVERLOADED, SKIP_TOO_LARGE, MirrorStats, UpstreamStats
+
+if TYPE_CHECKING:
+    from proxy.config.model import Endpoint
+    from proxy.http1.request import Request
+
+log = logging.getLogger("canary_proxy.mirror")
+
+MAX_IN_FLIGHT = 256  # mirrors buffering or on the wire, per process
+MAX_IDLE = 16  # pooled idle connections per mirror endpoint
+MIRROR_HEADER = b"X-Canary-Proxy-Mirror: 1\r\n"
+READ_SIZE = 65536
+
+
+class MirrorRule:
+    """One route's mirror, compiled per snapshot (see :func:`proxy.compile.compile_snapshot`)."""
+
+    __slots__ = (
+        "connect_timeout",
+        "endpoints",
+        "evidence",
+        "i",
+        "is_error",
+        "max_body",
+        "percent",
+        "route",
+        "stats",
+        "timeout",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        route: str,
+        upstream: str,
+        endpoints: tuple[Endpoint, ...],
+        percent: float,
+        max_body: int,
+        stats: MirrorStats,
+        evidence: UpstreamStats | None,
+        is_error: tuple[bool, ...],
+        connect_timeout: float,
+        timeout: float,
+    ) -> None:
+        self.route = route
+        self.upstream = upstream
+        self.endpoints = endpoints
+        self.percent = percent
+        self.max_body = max_body
+        self.stats = stats
+        self.evidence = evidence  # analyze: true -> the upstream's analysis window
+        self.is_error = is_error
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout  # the whole exchange after connecting (timeouts.response)
+        self.i = 0
+
+    def pick(self) -> Endpoint:
+        """Round-robin over the mirror upstream's endpoints."""
+        self.i = (self.i + 1) % len(self.endpoints)
+        return self.endpoints[self.i]
+
+
+class MirrorJob:
+    """The copy of one request while its body is still arriving."""
+
+    __slots__ = ("chunks", "rule", "size")
+
+    def __init__(self, rule: MirrorRule) -> None:
+        self.rule = rule
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+
+class _Response:
+    """httptools callbacks for a mirror response: keep the status, discard everything else."""
+
+    __slots__ = ("done", "head_only", "keep_alive", "parser", "status")
+
+    def __init__(self, head_only: bool) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.done = False
+        self.keep_alive = False
+        self.head_only = head_only
+
+    def on_headers_complete(self) -> None:
+        status: int = self.parser.get_status_code()
+        if status >= 200 or status == 101:
+            self.status = status
+            if self.head_only:  # a HEAD response has no body, whatever its headers say
+                self.done = True
+
+    def on_message_complete(self) -> None:
+        if self.status:  # not after a 1xx: the final response follows
+            self.done = True
+            self.keep_alive = bool(self.parser.should_keep_alive()) and not self.head_only
+
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class Mirrors:
+    """Every mirror of one process: admission, body copies, its own connection pool, its tasks."""
+
+    def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.max_in_flight = max_in_flight
+        self.pending = 0  # admitted jobs not finished yet (buffering, queued or on the wire)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.idle: dict[str, list[Conn]] = {}
+        self.closed = False
+
+    # -- called by the data plane (cheap, synchronous) -------------------------------------------
+
+    def begin(self, req: Request, rule: MirrorRule) -> None:
+        """Admit `req` for mirroring (its head is parsed and routed), or count why not."""
+        if req.clen > rule.max_body:
+            rule.stats.skipped[SKIP_TOO_LARGE] += 1
+            return
+        if self.pending >= self.max_in_flight or self.closed:
+            rule.stats.skipped[SKIP_OVERLOADED] += 1
+            return
+        self.pending += 1
+        req.mirror = MirrorJob(rule)
+
+    def body(self, req: Request, chunk: bytes) -> None:
+        """A piece of the request body (already forwarded or queued for the primary)."""
+        job = req.mirror
+        if job is None:
+            return
+        job.size += len(chunk)
+        if job.size > job.rule.max_body:
+            job.rule.stats.skipped[SKIP_TOO_LARGE] += 1
+            job.chunks = []
+            self.drop(req)
+            return
+        job.chunks.append(chunk)
+
+    def complete(self, req: Request) -> None:
+        """The request body is complete: send the copy, in a task this object owns."""
+        job = req.mirror
+        if job is None:
+            return
+        req.mirror = None
+        if self.closed:
+            self.pending -= 1
+            return
+        body = b"".join(job.chunks)
+        job.chunks = []
+        if req.te is not None:  # the head says chunked: one chunk, then the end
+            body = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
+        head = req.head[:-2] + MIRROR_HEADER + b"\r\n"
+        task = asyncio.get_running_loop().create_task(self._run(job.rule, head, body, req.method == b"HEAD"))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def drop(self, req: Request) -> None:
+        """Forget the copy of a request that will not complete (client gone, error, too large)."""
+        if req.mirror is not None:
+            req.mirror = None
+            self.pending -= 1
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.pending -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("mirror task failed", exc_info=task.exception())
+
+    # -- the exchange ---------------------------------------------------------------------------
+
+    async def _run(self, rule: MirrorRule, head: bytes, body: bytes, head_only: bool) -> None:
+        t0 = monotonic()
+        status = 0
+        try:
+            status = await self._exchange(rule, head, body, head_only)
+        except (OSError, TimeoutError, EOFError, httptools.HttpParserError):
+            status = 0
+        duration = monotonic() - t0
+        rule.stats.observe(status, duration)
+        evidence = rule.evidence
+        if evidence is not None:
+            evidence.observe(time.time(), duration, status == 0 or rule.is_error[status])
+
+    async def _exchange(self, rule: MirrorRule, head: bytes, body: bytes, head_only: bool) -> int:
+        endpoint = rule.pick()
+        key = endpoint.key
+        conn = self._take(key)
+        if conn is not None:
+            try:
+                return await self._send(rule, key, conn, head, body, head_only)
+            except (OSError, EOFError):
+                pass  # a pooled connection the mirror closed while idle: once more, fresh
+        async with asyncio.timeout(rule.connect_timeout):
+            conn = await asyncio.open_connection(endpoint.host, endpoint.port)
+        return await self._send(rule, key, conn, head, body, head_only)
+
+    async def _send(self, rule: MirrorRule, key: str, conn: Conn, head: bytes, body: bytes, head_only: bool) -> int:
+        reader, writer = conn
+        reusable = False
+        try:
+            async with asyncio.timeout(rule.timeout):
+                writer.write(head + body if len(body) < READ_SIZE else head)
+                if len(body) >= READ_SIZE:
+                    writer.write(body)
+                await writer.drain()
+                resp = _Response(head_only)
+                while not resp.done:
+                    data = await reader.read(READ_SIZE)
+                    if not data:
+                        if resp.status:
+                            break  # a body framed by the connection's end
+                        raise EOFError("mirror closed the connection before a response")
+                    resp.parser.feed_data(data)
+                reusable = resp.keep_alive
+                return resp.status
+        finally:
+            if reusable and not self.closed:
+                self._release(key, conn)
+            else:
+                writer.close()
+
+    def _take(self, key: str) -> Conn | None:
+        idle = self.idle.get(key)
+        while idle:
+            reader, writer = idle.pop()
+            if not writer.is_closing() and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return None
+
+    def _release(self, key: str, conn: Conn) -> None:
+        idle = self.idle.setdefault(key, [])
+        if len(idle) < MAX_IDLE:
+            idle.append(conn)
+        else:
+            conn[1].close()
+
+    async def close(self) -> None:
+        """Cancel every mirror in flight and close the pool (shutdown: nothing of the user's is lost)."""
+        self.closed = True
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for idle in self.idle.values():
+            for _, writer in idle:
+                writer.close()
+        self.idle.clear()
