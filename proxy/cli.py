@@ -76,7 +76,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  {err}", file=sys.stderr)
         print(f"canary-proxy: configuration file {args.config} test failed", file=sys.stderr)
         return 1
+    from proxy.config.hosts import shadowed_routes
+
     print(summarize(config))
+    for warning in shadowed_routes(config.routes):
+        print(f"canary-proxy: warning: {warning}", file=sys.stderr)
     print(f"canary-proxy: configuration file {args.config} test is successful")
     return 0
 

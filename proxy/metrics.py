@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import (
 from proxy import __version__
 from proxy.analysis.rollout import RolloutState
 from proxy.analysis_metrics import analysis_families
+from proxy.metrics_mirror import mirror_families
 from proxy.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class ProxyCollector:
         yield _requests(stats)
         yield _durations(stats.upstreams)
         yield _errors(stats.upstreams)
+        yield from mirror_families(stats)
         yield _weights(app)
         yield _ejected(app)
         yield from _rollout(app)

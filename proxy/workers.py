@@ -69,6 +69,10 @@ def counters_snapshot(stats: Stats) -> dict[str, Any]:
             }
             for name, us in stats.upstreams.items()
         },
+        "mirrors": [
+            [ms.route, ms.upstream, list(ms.buckets), ms.by_class, ms.skipped, ms.duration_counts, ms.duration_sum]
+            for ms in stats.mirrors.values()
+        ],
     }
 
 
@@ -96,6 +100,12 @@ def merged_stats(own: Stats, peers: list[dict[str, Any]]) -> Stats:
             us.duration_sum += float(u["sum"])
             us.duration_count += int(u["count"])
             us.errors = [a + int(b) for a, b in zip(us.errors, u["errors"], strict=True)]
+        for route, upstream, buckets, by_class, skipped, counts, total in snap.get("mirrors", ()):
+            ms = out.mirror_for(route, upstream, tuple(float(b) for b in buckets))
+            ms.by_class = [a + int(b) for a, b in zip(ms.by_class, by_class, strict=True)]
+            ms.skipped = [a + int(b) for a, b in zip(ms.skipped, skipped, strict=True)]
+            ms.duration_counts = [a + int(b) for a, b in zip(ms.duration_counts, counts, strict=True)]
+            ms.duration_sum += float(total)
     return out
 
 

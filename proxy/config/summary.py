@@ -38,7 +38,8 @@ def describe_match(match: Match | None) -> str:
     """`header user-type == "beta-tester" and path starts with "/api"`; no match: `every request`."""
     if match is None:
         return "every request"
-    parts = [_matcher("header", n, m) for n, m in match.headers]
+    parts = [f"host in {', '.join(match.hosts)}"] if match.hosts else []
+    parts += [_matcher("header", n, m) for n, m in match.headers]
     parts += [_matcher("cookie", n, m) for n, m in match.cookies]
     parts += [_matcher("query", n, m) for n, m in match.query]
     if match.path_prefix is not None:
@@ -50,14 +51,22 @@ def describe_match(match: Match | None) -> str:
 
 def describe_target(route: Route) -> str:
     """`canary`, or `stable 95% / canary 5% (sticky on header x-user-id)`."""
+    mirror = ""
+    if route.mirror is not None:
+        m = route.mirror
+        mirror = f", mirror {fmt_number(m.percent)}% to {m.to} (bodies up to {fmt_size(m.max_body)})"
+        if m.analyze:
+            mirror += " as rollout evidence"
     if route.split is None:
-        return route.to or "?"
+        return (route.to or "?") + mirror
     text = " / ".join(f"{name} {fmt_number(weight)}%" for name, weight in route.split)
     sticky = route.sticky
     if sticky is None:
-        return f"{text} (random per request)"
+        return f"{text} (random per request){mirror}"
     key = f"header {sticky.header}" if sticky.header else f"cookie {sticky.cookie}"
-    return f"{text} (sticky on {key})"
+    if sticky.issue is not None:
+        key += f", issued for {fmt_duration(sticky.issue.max_age)}"
+    return f"{text} (sticky on {key}){mirror}"
 
 
 def _matcher(what: str, name: str, m: StringMatch) -> str:
