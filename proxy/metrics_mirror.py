@@ -15,7 +15,7 @@ def mirror_families(stats: Stats) -> Iterator[Metric]:
     """`canary_proxy_mirror_requests_total`, `..._skipped_total` and `..._request_duration_seconds`."""
     requests = CounterMetricFamily(
         "canary_proxy_mirror_requests",
-        'Mirrored request copies sent, by route, mirror upstream and the mirror\'s status class;'
+        "Mirrored request copies sent, by route, mirror upstream and the mirror's status class;"
         ' code_class="error" when it gave no response (connect failure, timeout, reset).',
         labels=["route", "upstream", "code_class"],
     )

@@ -101,4 +101,3 @@ def shadowed_routes(routes: tuple[Route, ...]) -> list[str]:
                 )
                 break
     return out
-

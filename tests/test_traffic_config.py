@@ -1,0 +1,136 @@
+"""Config of the traffic features: sticky.issue, routes[].mirror, match.host; bad input refused with
+its key path and line."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import ConfigError, parse_config
+from proxy.config.model import CookieIssue, Mirror, Sticky
+
+HEAD = """\
+listen: 0.0.0.0:8080
+upstreams:
+  stable:
+    endpoints: [http://127.0.0.1:9001]
+  canary:
+    endpoints: [http://127.0.0.1:9002]
+routes:
+"""
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env={})
+    return info.value.errors
+
+
+def test_the_issue_examples_load() -> None:
+    cfg = parse_config(
+        HEAD
+        + "  - name: shop\n"
+        + '    match: {host: ["shop.example.com", "*.shop.example.com"]}\n'
+        + "    split: {stable: 90, canary: 10}\n"
+        + "    sticky: {cookie: NAME, issue: {max_age: 30d, secure: true, http_only: true, same_site: lax, path: /}}\n"
+        + "    mirror: {to: canary, percent: 10, max_body: 1MiB, analyze: true}\n",
+        env={},
+    )
+    route = cfg.routes[0]
+    assert route.match is not None and route.match.hosts == ("shop.example.com", "*.shop.example.com")
+    assert route.sticky == Sticky(cookie="NAME", issue=CookieIssue(30 * 86400.0, True, True, "lax", "/"))
+    assert route.mirror == Mirror("canary", 10.0, 1024 * 1024, True)
+
+
+def test_defaults() -> None:
+    cfg = parse_config(
+        HEAD + "  - name: a\n    split: {stable: 100}\n    sticky: {cookie: c, issue: true}\n"
+        "    mirror: {to: canary}\n",
+        env={},
+    )
+    assert cfg.routes[0].sticky == Sticky(cookie="c", issue=CookieIssue())
+    assert cfg.routes[0].mirror == Mirror("canary", 100.0, 1024 * 1024, False)
+
+
+BAD = [
+    (
+        "  - name: a\n    split: {stable: 90, canary: 10}\n    sticky: {cookie: c, issue: {same_site: loose}}\n",
+        'routes[0].sticky.issue.same_site: invalid same_site "loose" (expected strict, lax or none) (line 10)',
+    ),
+    (
+        "  - name: a\n    split: {stable: 90, canary: 10}\n    sticky: {cookie: c, issue: {same_site: none}}\n",
+        "routes[0].sticky.issue.same_site: same_site: none needs secure: true (browsers reject such a cookie)"
+        " (line 10)",
+    ),
+    (
+        "  - name: a\n    split: {stable: 90, canary: 10}\n    sticky: {header: x-user, issue: true}\n",
+        'routes[0].sticky.issue: only allowed with "cookie" (line 10)',
+    ),
+    (
+        "  - name: a\n    split: {stable: 90, canary: 10}\n    sticky: {cookie: c, issue: {max_age: -1s}}\n",
+        "routes[0].sticky.issue.max_age: must be > 0, got -1s (line 10)",
+    ),
+    (
+        "  - name: a\n    split: {stable: 90, canary: 10}\n    sticky: {cookie: c, issue: {path: 'a b'}}\n",
+        'routes[0].sticky.issue.path: invalid cookie path "a b" (must start with "/", no spaces or ";") (line 10)',
+    ),
+    (
+        "  - name: a\n    split: {stable: 90, canary: 10}\n    sticky: {cookie: c, issue: {secure: maybe}}\n",
+        "routes[0].sticky.issue.secure: expected true or false, got string (line 10)",
+    ),
+    (
+        "  - name: a\n    to: stable\n    mirror: {to: canary, percent: 101}\n",
+        "routes[0].mirror.percent: must be >= 0 and <= 100, got 101 (line 10)",
+    ),
+    (
+        "  - name: a\n    to: stable\n    mirror: {to: canary, percent: -5}\n",
+        "routes[0].mirror.percent: must be >= 0 and <= 100, got -5 (line 10)",
+    ),
+    (
+        "  - name: a\n    to: stable\n    mirror: {to: stable}\n",
+        'routes[0].mirror.to: mirror must not point at the route\'s own target ("stable") (line 10)',
+    ),
+    (
+        "  - name: a\n    split: {stable: 100, canary: 0}\n    mirror: {to: stable}\n",
+        'routes[0].mirror.to: mirror must not point at the route\'s own target ("stable") (line 10)',
+    ),
+    (
+        "  - name: a\n    to: stable\n    mirror: {to: nowhere}\n",
+        'routes[0].mirror.to: unknown upstream "nowhere" (known: stable, canary) (line 10)',
+    ),
+    (
+        "  - name: a\n    to: stable\n    mirror: {percent: 5}\n",
+        'routes[0].mirror: missing required key "to" (line 10)',
+    ),
+    (
+        "  - name: a\n    match: {host: ['shop..example.com']}\n    to: stable\n",
+        'routes[0].match.host[0]: invalid host name "shop..example.com" (letters, digits, "-" and "." only,'
+        " as in DNS) (line 9)",
+    ),
+    (
+        "  - name: a\n    match: {host: ['shop.*.com']}\n    to: stable\n",
+        'routes[0].match.host[0]: invalid host "shop.*.com": only a leading "*." wildcard is allowed (line 9)',
+    ),
+    (
+        "  - name: a\n    match: {host: ['shop.example.com:8080']}\n    to: stable\n",
+        'routes[0].match.host[0]: invalid host "shop.example.com:8080": no port here (the port is ignored when'
+        " matching) (line 9)",
+    ),
+    (
+        "  - name: a\n    match: {host: ['*']}\n    to: stable\n",
+        'routes[0].match.host[0]: "*" matches every host: omit match.host instead (line 9)',
+    ),
+    (
+        "  - name: a\n    match: {host: []}\n    to: stable\n",
+        "routes[0].match.host: must list at least one host (line 9)",
+    ),
+    (
+        "  - name: a\n    match: {host: ['exa mple.com']}\n    to: stable\n",
+        'routes[0].match.host[0]: invalid host name "exa mple.com" (letters, digits, "-" and "." only, as in DNS)'
+        " (line 9)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("routes", "error"), BAD)
+def test_bad_input_is_refused_with_its_key_path(routes: str, error: str) -> None:
+    assert errors_of(HEAD + routes) == [error]

@@ -1,0 +1,231 @@
+"""Request mirroring: the mirror upstream gets copies, the user only ever sees the primary.
+
+Real servers on both sides (aiohttp, raw sockets that hang or reset), real clients (httpx, raw).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from aiohttp import web
+from conftest import RawClient, RawUpstream, Upstream, config_text, wait_until
+
+from proxy.app import ProxyApp
+from proxy.metrics import make_registry, render
+
+ProxyFactory = Callable[..., Awaitable[ProxyApp]]
+UpstreamFactory = Callable[..., Awaitable[Upstream]]
+
+
+def mirror_routes(mirror: str, split: str = "{stable: 100, canary: 0}") -> str:
+    return f"  - name: web\n    split: {split}\n    mirror: {mirror}\n"
+
+
+async def recording_mirror(upstream_factory: UpstreamFactory, name: str = "canary") -> tuple[Upstream, list[Any]]:
+    bodies: list[Any] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        bodies.append((request.method, request.path_qs, request.headers, body))
+        return web.Response(status=500, text="the mirror's own answer\n")  # never reaches the user
+
+    up = await upstream_factory(name, handler=handler)
+    return up, bodies
+
+
+def plane_of(app: ProxyApp) -> Any:
+    assert app.plane is not None
+    return app.plane
+
+
+async def test_mirror_sees_copies_user_sees_primary(
+    proxy_factory: ProxyFactory, upstream_factory: UpstreamFactory
+) -> None:
+    stable = await upstream_factory("stable")
+    mirror, copies = await recording_mirror(upstream_factory)
+    app = await proxy_factory(config_text(stable.url, mirror.url, routes=mirror_routes("{to: canary, percent: 100}")))
+    base = f"http://127.0.0.1:{plane_of(app).bound_port}"
+    async with httpx.AsyncClient(base_url=base) as client:
+        r = await client.post("/orders?id=7", content=b"x" * 5000, headers={"X-Trace": "abc", "Host": "shop.example"})
+        assert r.status_code == 200 and r.text.startswith("stable POST /orders?id=7 5000")
+        r = await client.get("/")
+        assert r.status_code == 200 and r.text.startswith("stable GET")
+
+        async def chunks() -> Any:
+            for _ in range(4):
+                yield b"y" * 1000
+
+        r = await client.put("/upload", content=chunks())  # chunked request body
+        assert r.status_code == 200 and r.text.startswith("stable PUT /upload 4000")
+    await wait_until(lambda: len(copies) == 3, what="three mirrored copies")
+    by_path = {c[1]: c for c in copies}
+    method, _, headers, body = by_path["/orders?id=7"]
+    assert method == "POST" and body == b"x" * 5000
+    assert headers["X-Trace"] == "abc" and headers["Host"] == "shop.example"
+    assert headers["X-Canary-Proxy-Mirror"] == "1"
+    assert "X-Request-Id" in headers and "X-Forwarded-For" in headers
+    assert by_path["/"][0] == "GET" and by_path["/"][3] == b""
+    assert by_path["/upload"][3] == b"y" * 4000
+    text = render(make_registry(app, process=False)).decode()
+    assert 'canary_proxy_mirror_requests_total{code_class="5xx",route="web",upstream="canary"} 3.0' in text
+    assert 'canary_proxy_mirror_request_duration_seconds_count{upstream="canary"} 3.0' in text
+    # Not analysed: the mirror's 500s are not the canary's evidence.
+    assert app.stats.upstreams["canary"].window.stats(time.time(), 60).requests == 0
+
+
+async def test_percent_and_max_body(proxy_factory: ProxyFactory, upstream_factory: UpstreamFactory) -> None:
+    stable = await upstream_factory("stable")
+    mirror, copies = await recording_mirror(upstream_factory)
+    routes = mirror_routes("{to: canary, percent: 10, max_body: 1KiB}")
+    app = await proxy_factory(config_text(stable.url, mirror.url, routes=routes))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{plane_of(app).bound_port}") as client:
+        for _ in range(1000):
+            assert (await client.get("/")).status_code == 200
+        await wait_until(lambda: plane_of(app).mirrors.pending == 0, what="mirrors done")
+        n = len(copies)
+        assert 60 <= n <= 140, n  # 10% of 1000: mean 100, sd 9.5
+        for _ in range(200):  # bodies over max_body are never mirrored, and are counted
+            assert (await client.post("/big", content=b"z" * 2000)).status_code == 200
+    await wait_until(lambda: plane_of(app).mirrors.pending == 0, what="mirrors done")
+    assert all(c[1] != "/big" for c in copies)
+    ms = app.stats.mirrors[("web", "canary")]
+    assert 0 < ms.skipped[0] < 200  # about 10% of the 200 were chosen, then skipped as too large
+
+
+async def hanging(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(65536)
+    await asyncio.sleep(60)  # never answers
+
+
+async def resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1)
+    writer.transport.abort()
+
+
+async def timed_gets(base: str, n: int) -> list[float]:
+    out: list[float] = []
+    async with httpx.AsyncClient(base_url=base) as client:
+        for _ in range(n):
+            t = time.perf_counter()
+            r = await client.post("/x", content=b"p" * 2000)
+            out.append(time.perf_counter() - t)
+            assert r.status_code == 200 and r.text.startswith("stable POST /x 2000")
+    return out
+
+
+async def test_hanging_or_resetting_mirror_costs_the_user_nothing(
+    proxy_factory: ProxyFactory,
+    upstream_factory: UpstreamFactory,
+    raw_upstream: Callable[[Any], Awaitable[RawUpstream]],
+) -> None:
+    stable = await upstream_factory("stable")
+    hang = await raw_upstream(hanging)
+    reset = await raw_upstream(resetting)
+    routes = (
+        "  - name: plain\n    match: {path_prefix: /plain}\n    to: stable\n"
+        "  - name: hang\n    match: {headers: {x-m: hang}}\n    to: stable\n    mirror: {to: canary}\n"
+        "  - name: reset\n    match: {headers: {x-m: reset}}\n    to: stable\n    mirror: {to: other}\n"
+        "  - name: web\n    to: stable\n"
+    )
+    text = config_text(stable.url, hang.url, routes=routes).replace(
+        "routes:", f"  other: {{endpoints: [{reset.url}]}}\nroutes:"
+    )
+    app = await proxy_factory(text)
+    base = f"http://127.0.0.1:{plane_of(app).bound_port}"
+    baseline = await timed_gets(base, 150)
+
+    async def with_header(value: str) -> list[float]:
+        out: list[float] = []
+        async with httpx.AsyncClient(base_url=base, headers={"x-m": value}) as client:
+            for _ in range(150):
+                t = time.perf_counter()
+                r = await client.post("/x", content=b"p" * 2000)
+                out.append(time.perf_counter() - t)
+                assert r.status_code == 200 and r.text.startswith("stable POST /x 2000")
+        return out
+
+    hung = await with_header("hang")
+    assert hang.accepted > 0
+    resets = await with_header("reset")
+    await wait_until(lambda: app.stats.mirrors[("reset", "other")].by_class[6] >= 150, what="150 reset mirrors")
+    med = statistics.median
+    print(f"median ms: no mirror {med(baseline) * 1e3:.2f}, hung {med(hung) * 1e3:.2f}, reset {med(resets) * 1e3:.2f}")
+    # Noise, not an SLA: a mirror that cost the user a round trip would be far above this.
+    assert med(hung) < med(baseline) * 3 + 0.005
+    assert med(resets) < med(baseline) * 3 + 0.005
+    assert max(hung) < 1.0  # nobody waited for the hung mirror
+    assert plane_of(app).mirrors.pending <= plane_of(app).mirrors.max_in_flight
+
+
+async def test_memory_bounded_with_many_large_uploads(
+    proxy_factory: ProxyFactory,
+    upstream_factory: UpstreamFactory,
+    raw_upstream: Callable[[Any], Awaitable[RawUpstream]],
+) -> None:
+    stable = await upstream_factory("stable")
+    hang = await raw_upstream(hanging)
+    routes = "  - name: web\n    to: stable\n    mirror: {to: canary, max_body: 1MiB}\n"
+    app = await proxy_factory(config_text(stable.url, hang.url, routes=routes))
+    mirrors = plane_of(app).mirrors
+    mirrors.max_in_flight = 8
+    rss0 = _rss()
+    peak = 0
+    body = os.urandom(900 * 1024)  # under max_body: each admitted copy is buffered whole
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{plane_of(app).bound_port}", timeout=30) as client:
+
+        async def upload() -> None:
+            nonlocal peak
+            r = await client.post("/up", content=body)
+            assert r.status_code == 200
+            peak = max(peak, mirrors.pending)
+
+        for _ in range(8):
+            await asyncio.gather(*(upload() for _ in range(8)))
+        big = os.urandom(3 * 1024 * 1024)  # over max_body: streamed to the primary, no copy kept
+        for _ in range(8):
+            r = await client.post("/big", content=big)
+            assert r.status_code == 200 and r.text.startswith("stable POST /big 3145728")
+    assert peak <= 8
+    ms = app.stats.mirrors[("web", "canary")]
+    assert ms.skipped[1] >= 64 - 8  # overloaded: the hung mirror holds its 8 slots
+    growth = _rss() - rss0
+    print(f"RSS growth {growth / 2**20:.1f} MiB after 64 x 900 KiB + 8 x 3 MiB uploads with a hung mirror")
+    assert growth < 64 * 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_analyze_feeds_the_canary_evidence_and_rollback_stops_mirroring(
+    proxy_factory: ProxyFactory, upstream_factory: UpstreamFactory, raw_client: Callable[[int], Awaitable[RawClient]]
+) -> None:
+    stable = await upstream_factory("stable")
+    mirror, copies = await recording_mirror(upstream_factory)  # answers 500 to everything
+    rollout = (
+        "rollout:\n  canary: canary\n  baseline: stable\n  min_requests: 20\n  fast_fail: {consecutive_errors: 10}\n"
+    )
+    routes = mirror_routes("{to: canary, percent: 100, analyze: true}")
+    app = await proxy_factory(config_text(stable.url, mirror.url, extra=rollout, routes=routes))
+    client = await raw_client(plane_of(app).bound_port)
+    for _ in range(30):
+        resp = await client.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert resp.status == 200 and resp.one("x-upstream") == b"stable"
+        if app.controller is not None and app.controller.state.phase == "rolled_back":
+            break
+    assert app.controller is not None
+    await wait_until(lambda: app.controller.state.phase == "rolled_back", what="dark-launched canary rolled back")  # type: ignore[union-attr]
+    await wait_until(lambda: plane_of(app).mirrors.pending == 0, what="mirrors done")
+    sent = len(copies)
+    for _ in range(20):
+        resp = await client.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert resp.status == 200
+    await asyncio.sleep(0)
+    assert plane_of(app).mirrors.pending == 0 and len(copies) == sent  # rolled back: no more copies
