@@ -150,6 +150,11 @@ def summary(results: list[ScenarioResult]) -> list[str]:
     return lines
 
 
+# loadtests/mirror_cost.py writes its section between these markers; a bench run keeps it.
+MIRROR_BEGIN = "<!-- mirror-cost:begin -->"
+MIRROR_END = "<!-- mirror-cost:end -->"
+
+
 def write_results(
     path: Path,
     machine: dict[str, str],
@@ -185,4 +190,8 @@ def write_results(
         "",
     ]
     parts += [markdown_table(r) for r in results]
+    old = path.read_text() if path.exists() else ""
+    if MIRROR_BEGIN in old and MIRROR_END in old:
+        kept = old.split(MIRROR_BEGIN, 1)[1].split(MIRROR_END, 1)[0]
+        parts += ["", MIRROR_BEGIN + kept + MIRROR_END, ""]
     path.write_text("\n".join(parts))
