@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -75,6 +77,11 @@ async def test_mirror_sees_copies_user_sees_primary(
     text = render(make_registry(app, process=False)).decode()
     assert 'canary_proxy_mirror_requests_total{code_class="5xx",route="web",upstream="canary"} 3.0' in text
     assert 'canary_proxy_mirror_request_duration_seconds_count{upstream="canary"} 3.0' in text
+    assert 'canary_proxy_mirror_skipped_total{reason="body_too_large",route="web",upstream="canary"} 0.0' in text
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done.stdout + done.stderr
     # Not analysed: the mirror's 500s are not the canary's evidence.
     assert app.stats.upstreams["canary"].window.stats(time.time(), 60).requests == 0
 
