@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -40,7 +40,6 @@ log = logging.getLogger("canary_proxy.mirror")
 MAX_IN_FLIGHT = 256  # mirrors buffering or on the wire, per process
 MAX_IDLE = 16  # pooled idle connections per mirror endpoint
 MIRROR_HEADER = b"X-Canary-Proxy-Mirror: 1\r\n"
-READ_SIZE = 65536
 
 
 class MirrorRule:
@@ -102,32 +101,75 @@ class MirrorJob:
         self.size = 0
 
 
-class _Response:
-    """httptools callbacks for a mirror response: keep the status, discard everything else."""
+class _MirrorConnection(asyncio.Protocol):
+    """One connection to a mirror endpoint, one exchange at a time: keeps the response's status,
+    discards everything else (a protocol, not streams: a mirror copy must cost little CPU)."""
 
-    __slots__ = ("done", "head_only", "keep_alive", "parser", "status")
-
-    def __init__(self, head_only: bool) -> None:
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[int] | None = None
         self.status = 0
-        self.done = False
+        self.head_only = False
         self.keep_alive = False
-        self.head_only = head_only
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.status:
+            self._finish(False)  # a body framed by the connection's end
+        else:
+            waiter, self.waiter = self.waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectionResetError("mirror closed the connection before a response"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None:
+            self.close()  # nobody asked: a pooled connection must stay silent
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            waiter, self.waiter = self.waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+            self.close()
 
     def on_headers_complete(self) -> None:
         status: int = self.parser.get_status_code()
-        if status >= 200 or status == 101:
+        if status >= 200 or status == 101:  # 1xx: the final response follows
             self.status = status
             if self.head_only:  # a HEAD response has no body, whatever its headers say
-                self.done = True
+                self._finish(False)
 
     def on_message_complete(self) -> None:
-        if self.status:  # not after a 1xx: the final response follows
-            self.done = True
-            self.keep_alive = bool(self.parser.should_keep_alive()) and not self.head_only
+        if self.status:
+            self._finish(bool(self.parser.should_keep_alive()))
 
+    def _finish(self, keep_alive: bool) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            self.keep_alive = keep_alive and not self.head_only
+            waiter.set_result(self.status)
 
-Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+    def send(self, data: bytes, head_only: bool) -> asyncio.Future[int]:
+        """Write one request; the future gives the final response's status once it has been read."""
+        assert self.transport is not None
+        self.status = 0
+        self.head_only = head_only
+        self.keep_alive = False
+        self.waiter = waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return waiter
+
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Mirrors:
@@ -137,7 +179,7 @@ class Mirrors:
         self.max_in_flight = max_in_flight
         self.pending = 0  # admitted jobs not finished yet (buffering, queued or on the wire)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.idle: dict[str, list[Conn]] = {}
+        self.idle: dict[str, list[_MirrorConnection]] = {}
         self.closed = False
 
     # -- called by the data plane (cheap, synchronous) -------------------------------------------
@@ -179,8 +221,8 @@ class Mirrors:
         job.chunks = []
         if req.te is not None:  # the head says chunked: one chunk, then the end
             body = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
-        head = req.head[:-2] + MIRROR_HEADER + b"\r\n"
-        task = asyncio.get_running_loop().create_task(self._run(job.rule, head, body, req.method == b"HEAD"))
+        payload = req.head[:-2] + MIRROR_HEADER + b"\r\n" + body
+        task = asyncio.get_running_loop().create_task(self._run(job.rule, payload, req.method == b"HEAD"))
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -198,12 +240,12 @@ class Mirrors:
 
     # -- the exchange ---------------------------------------------------------------------------
 
-    async def _run(self, rule: MirrorRule, head: bytes, body: bytes, head_only: bool) -> None:
+    async def _run(self, rule: MirrorRule, payload: bytes, head_only: bool) -> None:
         t0 = monotonic()
         status = 0
         try:
-            status = await self._exchange(rule, head, body, head_only)
-        except (OSError, TimeoutError, EOFError, httptools.HttpParserError):
+            status = await self._exchange(rule, payload, head_only)
+        except (OSError, TimeoutError, httptools.HttpParserError):
             status = 0
         duration = monotonic() - t0
         rule.stats.observe(status, duration)
@@ -211,59 +253,44 @@ class Mirrors:
         if evidence is not None:
             evidence.observe(time.time(), duration, status == 0 or rule.is_error[status])
 
-    async def _exchange(self, rule: MirrorRule, head: bytes, body: bytes, head_only: bool) -> int:
+    async def _exchange(self, rule: MirrorRule, payload: bytes, head_only: bool) -> int:
         endpoint = rule.pick()
         key = endpoint.key
         conn = self._take(key)
         if conn is not None:
             try:
-                return await self._send(rule, key, conn, head, body, head_only)
-            except (OSError, EOFError):
+                return await self._send(rule, key, conn, payload, head_only)
+            except ConnectionResetError:
                 pass  # a pooled connection the mirror closed while idle: once more, fresh
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(rule.connect_timeout):
-            conn = await asyncio.open_connection(endpoint.host, endpoint.port)
-        return await self._send(rule, key, conn, head, body, head_only)
+            _, conn = await loop.create_connection(_MirrorConnection, endpoint.host, endpoint.port)
+        return await self._send(rule, key, conn, payload, head_only)
 
-    async def _send(self, rule: MirrorRule, key: str, conn: Conn, head: bytes, body: bytes, head_only: bool) -> int:
-        reader, writer = conn
+    async def _send(self, rule: MirrorRule, key: str, conn: _MirrorConnection, payload: bytes, head_only: bool) -> int:
         reusable = False
         try:
             async with asyncio.timeout(rule.timeout):
-                writer.write(head + body if len(body) < READ_SIZE else head)
-                if len(body) >= READ_SIZE:
-                    writer.write(body)
-                await writer.drain()
-                resp = _Response(head_only)
-                while not resp.done:
-                    data = await reader.read(READ_SIZE)
-                    if not data:
-                        if resp.status:
-                            break  # a body framed by the connection's end
-                        raise EOFError("mirror closed the connection before a response")
-                    resp.parser.feed_data(data)
-                reusable = resp.keep_alive
-                return resp.status
+                status = await conn.send(payload, head_only)
+            reusable = conn.keep_alive
+            return status
         finally:
-            if reusable and not self.closed:
-                self._release(key, conn)
+            if reusable and not self.closed and conn.usable():
+                idle = self.idle.setdefault(key, [])
+                if len(idle) < MAX_IDLE:
+                    idle.append(conn)
+                else:
+                    conn.close()
             else:
-                writer.close()
+                conn.close()
 
-    def _take(self, key: str) -> Conn | None:
+    def _take(self, key: str) -> _MirrorConnection | None:
         idle = self.idle.get(key)
         while idle:
-            reader, writer = idle.pop()
-            if not writer.is_closing() and not reader.at_eof():
-                return reader, writer
-            writer.close()
+            conn = idle.pop()
+            if conn.usable():
+                return conn
         return None
-
-    def _release(self, key: str, conn: Conn) -> None:
-        idle = self.idle.setdefault(key, [])
-        if len(idle) < MAX_IDLE:
-            idle.append(conn)
-        else:
-            conn[1].close()
 
     async def close(self) -> None:
         """Cancel every mirror in flight and close the pool (shutdown: nothing of the user's is lost)."""
@@ -275,6 +302,6 @@ class Mirrors:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for idle in self.idle.values():
-            for _, writer in idle:
-                writer.close()
+            for conn in idle:
+                conn.close()
         self.idle.clear()

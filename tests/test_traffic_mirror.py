@@ -236,3 +236,23 @@ async def test_analyze_feeds_the_canary_evidence_and_rollback_stops_mirroring(
         assert resp.status == 200
     await asyncio.sleep(0)
     assert plane_of(app).mirrors.pending == 0 and len(copies) == sent  # rolled back: no more copies
+
+
+async def test_mirror_reuses_its_own_connections_and_handles_head(
+    proxy_factory: ProxyFactory, upstream_factory: UpstreamFactory, logging_upstream: Callable[[], Awaitable[Any]]
+) -> None:
+    stable = await upstream_factory("stable")
+    mirror = await logging_upstream()
+    app = await proxy_factory(config_text(stable.url, mirror.url, routes=mirror_routes("{to: canary}")))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{plane_of(app).bound_port}") as client:
+        for i in range(50):
+            method = "HEAD" if i % 10 == 0 else "GET"
+            r = await client.request(method, f"/n{i}")
+            assert r.status_code == 200
+            await wait_until(lambda i=i: len(mirror.requests) == i + 1, what=f"copy {i}")  # type: ignore[misc]
+    assert [r.url for r in mirror.requests] == [f"/n{i}".encode() for i in range(50)]
+    assert mirror.parse_errors == 0
+    # Keep-alive in the mirror's own pool: a new connection only after each HEAD (never reused).
+    assert len(mirror.connections) <= 6, len(mirror.connections)
+    ms = app.stats.mirrors[("web", "canary")]
+    assert ms.by_class[2] == 50
