@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("canary_proxy.mirror")
 
 MAX_IN_FLIGHT = 256  # mirrors buffering or on the wire, per process
-MAX_IDLE = 16  # pooled idle connections per mirror endpoint
+MAX_IDLE = MAX_IN_FLIGHT  # pooled idle connections per mirror endpoint (no more than mirrors in flight)
 MIRROR_HEADER = b"X-Canary-Proxy-Mirror: 1\r\n"
 
 
