@@ -153,12 +153,18 @@ def report_lines(
     ]
     for key in ("nginx", "off", "on"):
         out.append(f"| {labels[key]} | " + " | ".join(f"{med[key][m]:,.1f}" for m in metrics) + " |")
+    cpu_cost = 1 - med["on"]["req per CPU-s"] / med["off"]["req per CPU-s"]
     out += [
         "",
         f"- req/s vs nginx: no mirror {ratio_off:.2f}x, with the {PERCENT}% mirror {ratio_on:.2f}x",
-        f"- cost of the {PERCENT}% mirror: {cost * 100:.1f}% of canary-proxy's req/s "
-        f"({mirrored:,.0f} copies sent during the measured runs)",
+        f"- cost of the {PERCENT}% mirror: {cost * 100:.1f}% of canary-proxy's req/s, {cpu_cost * 100:.1f}% of its "
+        f"req per CPU-s ({mirrored:,.0f} copies sent during the measured runs)",
     ]
+    if med["on"]["load-side CPU %"] >= 90:
+        out.append(
+            "- the load side (wrk and the upstream nginx, which also answers the copies) was saturated: req/s "
+            "then includes the upstream's extra work for the copies; req per CPU-s is the proxy's own cost"
+        )
     return out
 
 
