@@ -136,7 +136,7 @@ def compile_snapshot(
                 needed.add(b"cookie")
                 if route.sticky.issue is not None:
                     issue = cookie_attributes(route.sticky.issue)
-        mirror = _mirror(config, route, stats, rollout_state)
+        mirror = _mirror(config, route, stats, states)
         if route.to is not None:
             to = route.to
             for ro, st in rollouts:
@@ -188,15 +188,17 @@ def cookie_attributes(issue: CookieIssue) -> bytes:
     return ("; " + "; ".join(parts)).encode("ascii")
 
 
-def _mirror(config: Config, route: Route, stats: Stats, state: RolloutState | None) -> MirrorRule | None:
+def _mirror(config: Config, route: Route, stats: Stats, states: Mapping[str, RolloutState]) -> MirrorRule | None:
     """The route's compiled mirror; none while its upstream is a rolled-back canary (a rollback
     means no traffic at all for it, copies included, until a reset or a new version)."""
     m = route.mirror
     if m is None or m.percent <= 0:
         return None
-    rollout = config.rollout
-    if rollout is not None and m.to == rollout.canary and state is not None and state.phase == "rolled_back":
-        return None
+    rollout = config.rollout_of(m.to)
+    if rollout is not None and m.to == rollout.canary:
+        state = states.get(rollout.name)
+        if state is not None and state.phase == "rolled_back":
+            return None
     buckets = config.metrics.buckets
     evidence = stats.upstream(m.to, buckets) if m.analyze else None
     error_statuses = rollout.error_statuses if rollout is not None else ("5xx",)
