@@ -25,8 +25,8 @@ from aiohttp import web
 from proxy.app import ProxyApp
 from proxy.cli import main
 from proxy.cli_admin import format_status
-from tests.conftest import Upstream
-from tests.test_e2e_rollback import Switch, admin, metrics, sample, status, wait_for
+from tests.conftest import ProxyProcess, Upstream, free_port
+from tests.test_e2e_rollback import Switch, _true, admin, metrics, sample, status, stop_process, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -319,10 +319,6 @@ async def test_gate_says_no_then_yes(upstream_factory: UpstreamFactory, proxy_fa
             await until(admin_port, "default", "past the gate", lambda ro: ro["step"] >= 2)
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 async def test_a_breach_rolls_back_while_the_gate_hangs(
     upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory
 ) -> None:
@@ -496,3 +492,141 @@ async def test_reload_adds_and_removes_named_rollouts_keeping_state_by_name(
     assert effective["api"]["b2"] == 10  # back to the configured weights
     code, body = await admin(admin_port, "POST", "/rollouts/api/pause")
     assert code == 404
+
+
+# -- run --workers 2 ---------------------------------------------------------------------------------------
+
+
+async def test_workers_follow_each_rollout_and_trip_the_right_one(
+    upstream_factory: UpstreamFactory, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    a1 = await upstream_factory("a1")
+    a2, a2_switch = await switchable(upstream_factory, "a2")
+    a2_switch.fail = True
+    b1 = await upstream_factory("b1")
+    b2 = await upstream_factory("b2")
+    text = f"""
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+access_log: false
+upstreams:
+  a1: {{endpoints: [{a1.url}], version: v1}}
+  a2: {{endpoints: [{a2.url}], version: v2}}
+  b1: {{endpoints: [{b1.url}], version: v1}}
+  b2: {{endpoints: [{b2.url}], version: v2}}
+routes:
+  - {{name: web, match: {{path_prefix: /web}}, split: {{a1: 50, a2: 50}}}}
+  - {{name: api, split: {{b1: 50, b2: 50}}}}
+rollouts:
+  - {{name: web, canary: a2, baseline: a1, min_requests: 100000, fast_fail: {{consecutive_errors: 5}}}}
+  - {{name: api, canary: b2, baseline: b1, min_requests: 100000, fast_fail: {{consecutive_errors: 5}}}}
+"""
+    pp = proxy_process(text, args=("--workers", "2"))
+    try:
+        await wait_for(lambda: _true(sum("listening on" in line for line in list(pp.lines)) >= 2), 15, "both workers")
+
+        async def spread(path: str) -> list[tuple[int, str, str]]:
+            conn = aiohttp.TCPConnector(force_close=True)  # new connections: both workers serve
+            out = []
+            async with aiohttp.ClientSession(connector=conn) as s:
+                for _ in range(60):
+                    async with s.get(f"http://127.0.0.1:{pp.port}{path}") as r:
+                        await r.read()
+                        out.append((r.status, r.headers.get("X-Upstream", "?"), r.headers.get("X-Request-Id", "")))
+            return out
+
+        await spread("/web")  # a2 fails: fast fail in whichever worker sees 5 in a row
+
+        async def web_rolled_back() -> bool:
+            ro = await rollout_doc(pp.admin_port, "web")
+            return bool(ro["phase"] == "rolled_back")
+
+        await wait_for(web_rolled_back, 10, "the web rollback")
+
+        async def all_workers_follow() -> list[tuple[int, str, str]] | None:
+            results = await spread("/web")
+            ok = {up for _, up, _ in results} == {"a1"} and len({rid.split("-")[0] for _, _, rid in results}) == 2
+            return results if ok else None
+
+        await wait_for(all_workers_follow, 10, "every worker sending /web to a1")
+        api = await spread("/api")
+        assert {up for _, up, _ in api} == {"b1", "b2"}  # the other rollout is untouched
+        ro = await rollout_doc(pp.admin_port, "api")
+        assert ro["phase"] == "steady", ro
+    finally:
+        assert await stop_process(pp) == 0
+
+
+# -- URLs that refuse or answer garbage ---------------------------------------------------------------------
+
+
+async def test_gate_and_check_urls_that_refuse_or_answer_garbage_stall_nothing(
+    upstream_factory: UpstreamFactory, proxy_factory: ProxyFactory
+) -> None:
+    async def junk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"HELLO THERE\r\n\x00\xff garbage\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(junk, "127.0.0.1", 0)
+    junk_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    refused = f"http://127.0.0.1:{free_port()}"
+    try:
+        a1 = await upstream_factory("a1")
+        a2, a2_switch = await switchable(upstream_factory, "a2")
+        b1 = await upstream_factory("b1")
+        b2 = await upstream_factory("b2")
+        text = f"""
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+access_log: false
+upstreams:
+  a1: {{endpoints: [{a1.url}], version: v1}}
+  a2: {{endpoints: [{a2.url}], version: v2}}
+  b1: {{endpoints: [{b1.url}], version: v1}}
+  b2: {{endpoints: [{b2.url}], version: v2}}
+routes:
+  - {{name: web, match: {{path_prefix: /web}}, split: {{a1: 100, a2: 0}}}}
+  - {{name: api, split: {{b1: 100, b2: 0}}}}
+rollouts:
+  - name: web
+    canary: a2
+    baseline: a1
+    interval: 1s
+    window: 4s
+    min_requests: 10
+    fast_fail: {{consecutive_errors: 0}}
+    steps: [20, {{gate: {{webhook: "{junk_url}/gate", timeout: 1s}}}}, 50]
+  - name: api
+    canary: b2
+    baseline: b1
+    interval: 1s
+    window: 4s
+    min_requests: 10
+    steps: [20, 50]
+    checks:
+      - {{name: refused, prometheus: "{refused}", query: up, max: 1, failure_limit: 0}}
+      - {{name: junk, prometheus: "{junk_url}", query: up, max: 1, failure_limit: 0}}
+"""
+        app = await proxy_factory(text)
+        port, admin_port = ports(app)
+        async with Load(port, ("/web", "/api"), rate=100) as load:
+            await until(admin_port, "web", "the gate step", lambda ro: ro["step"] == 1)
+            ro = await until(admin_port, "web", "a garbage answer", lambda ro: bool(ro["gate"]))
+            assert ro["gate"]["open"] is False and ro["gate"]["answer"].startswith("ClientResponseError"), ro["gate"]
+
+            def failing(ro: dict[str, Any]) -> bool:
+                return all(int(c["failures"]) >= 2 for c in ro["checks"])
+
+            ro = await until(admin_port, "api", "repeated check failures", failing)
+            assert {c["status"] for c in ro["checks"]} == {"hold"}  # failure_limit 0: never trips
+            assert ro["phase"] == "progressing" and ro["step"] == 0
+            assert ro["last_verdict"]["result"] == "insufficient_data"
+            await ticks(admin_port, "api", 2)
+            a2_switch.fail = True
+            await until(admin_port, "web", "the rollback", lambda ro: ro["phase"] == "rolled_back")
+        assert load.served[("/api", "b1")] > 100  # the data plane served all along
+    finally:
+        server.close()
+        await server.wait_closed()
