@@ -17,8 +17,17 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import free_port
-from tests.test_e2e_rollback import metrics, sample, wait_for
-from tests.test_rollouts_e2e import Load, ProxyFactory, UpstreamFactory, one_rollout_config, ports, rollout_doc, until
+from tests.test_e2e_rollback import admin, metrics, sample, wait_for
+from tests.test_rollouts_e2e import (
+    Load,
+    ProxyFactory,
+    UpstreamFactory,
+    one_rollout_config,
+    ports,
+    rollout_doc,
+    ticks,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -206,5 +215,11 @@ async def test_query_timeouts_hold_then_trip_without_stalling_anything(
             # Meanwhile the proxy kept serving: about 100 req/s, far above anything a stall would allow.
             elapsed = time.monotonic() - started
             assert sum(load.served.values()) - served > 30 * max(elapsed, 1.0) or elapsed < 0.5
+            # A reset starts the checks afresh: the old failures do not trip the new start.
+            code, body = await admin(admin_port, "POST", "/rollout/reset")
+            assert code == 200 and body["phase"] == "progressing", body
+            await ticks(admin_port, "default", 2)
+            ro = await rollout_doc(admin_port, "default")
+            assert ro["phase"] == "progressing" and int(str(slow_check(ro)["failures"])) < 3, ro
     finally:
         await runner.cleanup()

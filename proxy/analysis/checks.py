@@ -109,7 +109,15 @@ class CheckRunner:
         self._bg = Background()
         self._asked: dict[str, float] = {}
         self._busy: set[str] = set()
+        self._generation = 0  # bumped by `forget`: answers to older queries are dropped
         self.results: dict[str, CheckResult] = {}
+
+    def forget(self) -> None:
+        """Start afresh (a reset or a new canary): no result, no failure count, ask at once."""
+        self._generation += 1
+        self.results.clear()
+        self._asked.clear()
+        self._busy.clear()
 
     def poll(self, rollout: Rollout, now: float) -> dict[str, CheckResult]:
         """Start the queries that are due; the latest result of every check (hold until one came)."""
@@ -128,6 +136,7 @@ class CheckRunner:
         }
 
     async def _query(self, check: Check, rollout: Rollout, now: float) -> None:
+        generation = self._generation
         previous = self.results.get(check.name)
         failures = previous.failures if previous is not None else 0
         try:
@@ -142,18 +151,21 @@ class CheckRunner:
             failures += 1
             detail = f"query failed ({failures} in a row): {type(exc).__name__}: {exc}".rstrip(": ")
             tripped = check.failure_limit > 0 and failures >= check.failure_limit
-            self._store(CheckResult(check.name, "breach" if tripped else "hold", detail, None, now, failures))
+            status: CheckStatus = "breach" if tripped else "hold"
+            self._store(CheckResult(check.name, status, detail, None, now, failures), generation)
             return
         finally:
-            self._busy.discard(check.name)
+            if generation == self._generation:
+                self._busy.discard(check.name)
         if value is None:
-            self._store(CheckResult(check.name, "hold", "empty result", None, now, 0))
+            self._store(CheckResult(check.name, "hold", "empty result", None, now, 0), generation)
             return
-        status, detail = judge_value(check, value)
-        self._store(CheckResult(check.name, status, detail, value, now, 0))
+        verdict, detail = judge_value(check, value)
+        self._store(CheckResult(check.name, verdict, detail, value, now, 0), generation)
 
-    def _store(self, result: CheckResult) -> None:
-        self.results[result.name] = result
+    def _store(self, result: CheckResult, generation: int) -> None:
+        if generation == self._generation:
+            self.results[result.name] = result
 
     async def close(self) -> None:
         """Cancel queries in flight."""

@@ -176,6 +176,7 @@ class RolloutController:
         new, events = on_command(self._state, name, rollout, self._clock(), reason, full=full)
         if name == "reset":
             self._reset_fast_fail_count(rollout)
+            self._checks.forget()  # a tripped check must not trip the fresh start
         self._apply(new, events)
         return new
 
@@ -272,6 +273,7 @@ class RolloutController:
             )
             events.append(RolloutEvent("reset", now, msg, {"previous_phase": saved.phase}))
             self._reset_fast_fail_count(rollout)
+            self._checks.forget()
         self._state = new
         self._save(new)
         self._arm()
