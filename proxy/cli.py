@@ -40,6 +40,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
         return 1
+    from proxy.config.hosts import shadowed_routes
+
+    for warning in shadowed_routes(config.routes):  # the same warnings as `validate`
+        logging.getLogger("canary_proxy").warning("config: %s", warning)
     from proxy.workers import WorkerRole, run_workers
 
     role = None

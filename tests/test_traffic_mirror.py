@@ -256,3 +256,22 @@ async def test_mirror_reuses_its_own_connections_and_handles_head(
     assert len(mirror.connections) <= 6, len(mirror.connections)
     ms = app.stats.mirrors[("web", "canary")]
     assert ms.by_class[2] == 50
+
+
+def test_worker_counters_carry_the_mirror_figures() -> None:
+    """`--workers N`: a follower's mirror counters reach the leader's /metrics."""
+    from proxy.stats import Stats
+    from proxy.workers import counters_snapshot, merged_stats
+
+    buckets = (0.01, 0.1, 1.0)
+    leader, follower = Stats(), Stats()
+    leader.mirror_for("web", "canary", buckets).observe(200, 0.005)
+    ms = follower.mirror_for("web", "canary", buckets)
+    ms.observe(503, 0.5)
+    ms.observe(0, 2.0)
+    ms.skipped[0] += 2
+    merged = merged_stats(leader, [counters_snapshot(follower)]).mirrors[("web", "canary")]
+    assert merged.by_class == [0, 0, 1, 0, 0, 1, 1]
+    assert merged.skipped == [2, 0]
+    assert merged.duration_counts == [1, 0, 1, 1]
+    assert merged.duration_sum == 2.505
