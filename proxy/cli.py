@@ -40,9 +40,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for err in exc.errors:
             print(f"  {err}", file=sys.stderr)
         return 1
-    from proxy.config.hosts import shadowed_routes
+    from proxy.config.lint import config_warnings
 
-    for warning in shadowed_routes(config.routes):  # the same warnings as `validate`
+    for warning in config_warnings(config):  # the same warnings as `validate`
         logging.getLogger("canary_proxy").warning("config: %s", warning)
     from proxy.workers import WorkerRole, run_workers
 
@@ -80,10 +80,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  {err}", file=sys.stderr)
         print(f"canary-proxy: configuration file {args.config} test failed", file=sys.stderr)
         return 1
-    from proxy.config.hosts import shadowed_routes
+    from proxy.config.lint import config_warnings
 
     print(summarize(config))
-    for warning in shadowed_routes(config.routes):
+    for warning in config_warnings(config):
         print(f"canary-proxy: warning: {warning}", file=sys.stderr)
     print(f"canary-proxy: configuration file {args.config} test is successful")
     return 0

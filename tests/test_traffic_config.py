@@ -134,3 +134,15 @@ BAD = [
 @pytest.mark.parametrize(("routes", "error"), BAD)
 def test_bad_input_is_refused_with_its_key_path(routes: str, error: str) -> None:
     assert errors_of(HEAD + routes) == [error]
+
+
+def test_analyze_without_a_rollout_of_that_canary_is_warned() -> None:
+    from proxy.config.lint import config_warnings
+
+    routes = "  - name: a\n    split: {stable: 100, canary: 0}\n    mirror: {to: canary, analyze: true}\n"
+    cfg = parse_config(HEAD + routes, env={})
+    assert config_warnings(cfg) == [
+        'routes[0].mirror.analyze: "canary" is no rollout\'s canary, so its mirror results judge nothing'
+    ]
+    cfg = parse_config(HEAD + routes + "rollout: {canary: canary, baseline: stable}\n", env={})
+    assert config_warnings(cfg) == []
