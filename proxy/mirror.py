@@ -101,16 +101,32 @@ class MirrorJob:
         self.size = 0
 
 
+class _Exchange:
+    """One copy on the wire: what is needed to record it, and to send it again once (fresh)."""
+
+    __slots__ = ("head_only", "key", "payload", "retry", "rule", "t0", "timer")
+
+    def __init__(self, rule: MirrorRule, key: str, payload: bytes, head_only: bool, t0: float) -> None:
+        self.rule = rule
+        self.key = key
+        self.payload = payload
+        self.head_only = head_only
+        self.t0 = t0
+        self.retry = True  # a pooled connection that turns out closed: once more on a new one
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class _MirrorConnection(asyncio.Protocol):
     """One connection to a mirror endpoint, one exchange at a time: keeps the response's status,
-    discards everything else (a protocol, not streams: a mirror copy must cost little CPU)."""
+    discards everything else. A protocol with callbacks, not streams and a task per copy: a
+    mirror copy must cost little CPU on the loop it shares with the users' requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Mirrors) -> None:
+        self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[int] | None = None
+        self.exchange: _Exchange | None = None
         self.status = 0
-        self.head_only = False
         self.keep_alive = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -118,51 +134,45 @@ class _MirrorConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.status:
-            self._finish(False)  # a body framed by the connection's end
-        else:
-            waiter, self.waiter = self.waiter, None
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(ConnectionResetError("mirror closed the connection before a response"))
+        # With a status: a body framed by the connection's end; without: reset before a response.
+        self._finish(False, reset=not self.status)
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None:
+        if self.exchange is None:
             self.close()  # nobody asked: a pooled connection must stay silent
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            waiter, self.waiter = self.waiter, None
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(exc)
+        except httptools.HttpParserError:
+            self.status = 0
+            self._finish(False)
             self.close()
 
     def on_headers_complete(self) -> None:
         status: int = self.parser.get_status_code()
         if status >= 200 or status == 101:  # 1xx: the final response follows
             self.status = status
-            if self.head_only:  # a HEAD response has no body, whatever its headers say
+            ex = self.exchange
+            if ex is not None and ex.head_only:  # a HEAD response has no body, whatever it says
                 self._finish(False)
 
     def on_message_complete(self) -> None:
         if self.status:
             self._finish(bool(self.parser.should_keep_alive()))
 
-    def _finish(self, keep_alive: bool) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            self.keep_alive = keep_alive and not self.head_only
-            waiter.set_result(self.status)
+    def _finish(self, keep_alive: bool, reset: bool = False) -> None:
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
+            self.keep_alive = keep_alive and not ex.head_only
+            self.owner.finished(self, ex, self.status, reset)
 
-    def send(self, data: bytes, head_only: bool) -> asyncio.Future[int]:
-        """Write one request; the future gives the final response's status once it has been read."""
+    def send(self, ex: _Exchange) -> None:
+        """Write one request; :meth:`Mirrors.finished` hears how it ended."""
         assert self.transport is not None
         self.status = 0
-        self.head_only = head_only
         self.keep_alive = False
-        self.waiter = waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(data)
-        return waiter
+        self.exchange = ex
+        self.transport.write(ex.payload)
 
     def usable(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
@@ -171,14 +181,25 @@ class _MirrorConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def timed_out(self) -> None:
+        """The copy took longer than timeouts.response: give up (no second try), count no response."""
+        if self.exchange is not None:
+            self.exchange.retry = False
+        self.abort()
+
 
 class Mirrors:
     """Every mirror of one process: admission, body copies, its own connection pool, its tasks."""
 
     def __init__(self, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.max_in_flight = max_in_flight
-        self.pending = 0  # admitted jobs not finished yet (buffering, queued or on the wire)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.pending = 0  # admitted copies not finished yet (buffering, connecting or on the wire)
+        self.tasks: set[asyncio.Task[None]] = set()  # connects in progress
+        self.busy: set[_MirrorConnection] = set()  # connections with a copy on the wire
         self.idle: dict[str, list[_MirrorConnection]] = {}
         self.closed = False
 
@@ -209,7 +230,7 @@ class Mirrors:
         job.chunks.append(chunk)
 
     def complete(self, req: Request) -> None:
-        """The request body is complete: send the copy, in a task this object owns."""
+        """The request body is complete: send the copy (on a pooled connection, or connect first)."""
         job = req.mirror
         if job is None:
             return
@@ -221,10 +242,16 @@ class Mirrors:
         job.chunks = []
         if req.te is not None:  # the head says chunked: one chunk, then the end
             body = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
-        payload = req.head[:-2] + MIRROR_HEADER + b"\r\n" + body
-        task = asyncio.get_running_loop().create_task(self._run(job.rule, payload, req.method == b"HEAD"))
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
+        rule = job.rule
+        endpoint = rule.pick()
+        ex = _Exchange(
+            rule, endpoint.key, req.head[:-2] + MIRROR_HEADER + b"\r\n" + body, req.method == b"HEAD", monotonic()
+        )
+        conn = self._take(ex.key)
+        if conn is not None:
+            self._start(conn, ex)
+        else:
+            self._connect(ex, endpoint)
 
     def drop(self, req: Request) -> None:
         """Forget the copy of a request that will not complete (client gone, error, too large)."""
@@ -232,57 +259,65 @@ class Mirrors:
             req.mirror = None
             self.pending -= 1
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self.pending -= 1
-        if not task.cancelled() and task.exception() is not None:
-            log.error("mirror task failed", exc_info=task.exception())
-
     # -- the exchange ---------------------------------------------------------------------------
 
-    async def _run(self, rule: MirrorRule, payload: bytes, head_only: bool) -> None:
-        t0 = monotonic()
-        status = 0
+    def _connect(self, ex: _Exchange, endpoint: Endpoint) -> None:
+        task = asyncio.get_running_loop().create_task(self._open(ex, endpoint))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _open(self, ex: _Exchange, endpoint: Endpoint) -> None:
+        ex.retry = False
+        loop = asyncio.get_running_loop()
         try:
-            status = await self._exchange(rule, payload, head_only)
-        except (OSError, TimeoutError, httptools.HttpParserError):
-            status = 0
-        duration = monotonic() - t0
+            async with asyncio.timeout(ex.rule.connect_timeout):
+                _, conn = await loop.create_connection(lambda: _MirrorConnection(self), endpoint.host, endpoint.port)
+        except (OSError, TimeoutError):
+            self._record(ex, 0)
+            return
+        except asyncio.CancelledError:
+            self.pending -= 1  # closing
+            raise
+        if self.closed:
+            conn.close()
+            self.pending -= 1
+            return
+        self._start(conn, ex)
+
+    def _start(self, conn: _MirrorConnection, ex: _Exchange) -> None:
+        self.busy.add(conn)
+        ex.timer = asyncio.get_running_loop().call_later(ex.rule.timeout, conn.timed_out)
+        conn.send(ex)
+
+    def finished(self, conn: _MirrorConnection, ex: _Exchange, status: int, reset: bool) -> None:
+        """Called by the connection when its copy ended: a status, or 0 (no response)."""
+        self.busy.discard(conn)
+        if ex.timer is not None:
+            ex.timer.cancel()
+        if status and conn.keep_alive and not self.closed and conn.usable():
+            idle = self.idle.setdefault(ex.key, [])
+            if len(idle) < MAX_IDLE:
+                idle.append(conn)
+            else:
+                conn.close()
+        else:
+            conn.close()
+        if reset and ex.retry and not self.closed:
+            # A pooled connection the mirror had closed while idle: once more, on a new one.
+            endpoint = next((e for e in ex.rule.endpoints if e.key == ex.key), None)
+            if endpoint is not None:
+                self._connect(ex, endpoint)
+                return
+        self._record(ex, status)
+
+    def _record(self, ex: _Exchange, status: int) -> None:
+        self.pending -= 1
+        rule = ex.rule
+        duration = monotonic() - ex.t0
         rule.stats.observe(status, duration)
         evidence = rule.evidence
         if evidence is not None:
             evidence.observe(time.time(), duration, status == 0 or rule.is_error[status])
-
-    async def _exchange(self, rule: MirrorRule, payload: bytes, head_only: bool) -> int:
-        endpoint = rule.pick()
-        key = endpoint.key
-        conn = self._take(key)
-        if conn is not None:
-            try:
-                return await self._send(rule, key, conn, payload, head_only)
-            except ConnectionResetError:
-                pass  # a pooled connection the mirror closed while idle: once more, fresh
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(rule.connect_timeout):
-            _, conn = await loop.create_connection(_MirrorConnection, endpoint.host, endpoint.port)
-        return await self._send(rule, key, conn, payload, head_only)
-
-    async def _send(self, rule: MirrorRule, key: str, conn: _MirrorConnection, payload: bytes, head_only: bool) -> int:
-        reusable = False
-        try:
-            async with asyncio.timeout(rule.timeout):
-                status = await conn.send(payload, head_only)
-            reusable = conn.keep_alive
-            return status
-        finally:
-            if reusable and not self.closed and conn.usable():
-                idle = self.idle.setdefault(key, [])
-                if len(idle) < MAX_IDLE:
-                    idle.append(conn)
-                else:
-                    conn.close()
-            else:
-                conn.close()
 
     def _take(self, key: str) -> _MirrorConnection | None:
         idle = self.idle.get(key)
@@ -293,7 +328,7 @@ class Mirrors:
         return None
 
     async def close(self) -> None:
-        """Cancel every mirror in flight and close the pool (shutdown: nothing of the user's is lost)."""
+        """Stop every mirror in flight and close the pool (shutdown: nothing of the user's is lost)."""
         self.closed = True
         tasks = list(self.tasks)
         for task in tasks:
@@ -301,6 +336,8 @@ class Mirrors:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for conn in list(self.busy):
+            conn.abort()  # its copy is recorded as failed by connection_lost
         for idle in self.idle.values():
             for conn in idle:
                 conn.close()

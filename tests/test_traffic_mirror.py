@@ -275,3 +275,39 @@ def test_worker_counters_carry_the_mirror_figures() -> None:
     assert merged.skipped == [2, 0]
     assert merged.duration_counts == [1, 0, 1, 1]
     assert merged.duration_sum == 2.505
+
+
+async def test_hung_copy_times_out_and_a_stale_pooled_connection_is_retried(
+    proxy_factory: ProxyFactory,
+    upstream_factory: UpstreamFactory,
+    raw_upstream: Callable[[Any], Awaitable[RawUpstream]],
+) -> None:
+    stable = await upstream_factory("stable")
+    hang = await raw_upstream(hanging)
+
+    async def one_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # keep-alive, as far as it says
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next copy on this connection: reset, unanswered
+        writer.transport.abort()
+
+    flaky = await raw_upstream(one_per_connection)
+    routes = (
+        "  - name: hang\n    match: {headers: {x-m: hang}}\n    to: stable\n    mirror: {to: canary}\n"
+        "  - name: web\n    to: stable\n    mirror: {to: other}\n"
+    )
+    text = config_text(stable.url, hang.url, routes=routes, extra="timeouts: {response: 300ms}\n")
+    text = text.replace("routes:", f"  other: {{endpoints: [{flaky.url}]}}\nroutes:")
+    app = await proxy_factory(text)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{plane_of(app).bound_port}") as client:
+        for _ in range(5):
+            assert (await client.get("/", headers={"x-m": "hang"})).status_code == 200
+        for i in range(10):
+            assert (await client.get(f"/f{i}")).status_code == 200
+            await wait_until(lambda i=i: app.stats.mirrors[("web", "other")].by_class[2] == i + 1, what=f"copy {i}")  # type: ignore[misc]
+    hung = app.stats.mirrors[("hang", "canary")]
+    await wait_until(lambda: hung.by_class[6] == 5, what="5 hung copies given up after timeouts.response")
+    assert app.stats.mirrors[("web", "other")].by_class[6] == 0  # every stale connection was retried
+    assert flaky.accepted >= 10  # one connection per copy: each reuse met a reset, then a fresh one
+    await wait_until(lambda: plane_of(app).mirrors.pending == 0, what="no mirror left")
