@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup native system-deps demo test lint bench bench-quick rollback-time clean
+.PHONY: setup native system-deps demo test lint bench bench-quick bench-fleet rollback-time clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: setup system-deps
 # CI-sized: 1 round x 3 s, 64 MiB transfers, 1000 idle connections (about 1-2 minutes).
 bench-quick: setup system-deps
 	$(PYTHON) -m loadtests.bench --quick
+
+# Fleet mode: headline req/s with fleet on vs off (and nginx), rollback time with 3 replicas (~3 min).
+bench-fleet: setup system-deps
+	$(PYTHON) -m loadtests.fleet
 
 # Seconds from a canary going bad to weight 0, and failed user requests meanwhile (~5 min).
 rollback-time: setup

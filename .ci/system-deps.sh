@@ -7,6 +7,8 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v hey >/dev/null 2>&1 || need+=(hey)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# Fleet mode tests start their own redis-server (Valkey works the same).
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # A C compiler and Python's headers let `make setup` compile the hot path (mypyc).
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
@@ -25,6 +27,6 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The Debian packages may start their system services; the tests and benchmarks run their own.
-for svc in nginx prometheus prometheus-node-exporter; do
+for svc in nginx prometheus prometheus-node-exporter redis-server; do
   $SUDO service "$svc" stop >/dev/null 2>&1 || true
 done

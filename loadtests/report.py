@@ -194,4 +194,8 @@ def write_results(
     if MIRROR_BEGIN in old and MIRROR_END in old:
         kept = old.split(MIRROR_BEGIN, 1)[1].split(MIRROR_END, 1)[0]
         parts += ["", MIRROR_BEGIN + kept + MIRROR_END, ""]
+    # loadtests/fleet.py's "Fleet mode" section is kept too.
+    begin, end = "<!-- fleet:begin -->", "<!-- fleet:end -->"
+    if begin in old and end in old:
+        parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
     path.write_text("\n".join(parts))

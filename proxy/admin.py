@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from proxy.analysis.rollout import COMMANDS, Command, CommandError
+from proxy.fleet.errors import FleetUnavailable
 from proxy.metrics import CONTENT_TYPE, make_registry, render
 from proxy.status import build_status, rollout_status, rollouts_status
 
@@ -162,7 +163,12 @@ class AdminServer:
         full = request.query.get("full", "").lower() in ("1", "true", "yes")
         reason = await _reason(request)
         try:
-            app.controller.command(command, reason, rollout=name, full=full)
+            if app.fleet is not None:
+                await app.fleet.command(command, reason, rollout=name, full=full)  # fleet-wide, through Redis
+            else:
+                app.controller.command(command, reason, rollout=name, full=full)
+        except FleetUnavailable as exc:
+            return _json({"ok": False, "error": str(exc), "rollout": rollout_status(app, name)}, status=503)
         except CommandError as exc:
             return _json({"ok": False, "error": str(exc), "rollout": rollout_status(app, name)}, status=409)
         except LookupError as exc:  # the rollout went away with a reload

@@ -22,6 +22,7 @@ from proxy.analysis.rollout import RolloutState, reconcile
 from proxy.compile import Snapshot, compile_snapshot
 from proxy.config import Config, ConfigError, load_config
 from proxy.dataplane import DataPlane
+from proxy.fleet.setup import FleetMember, make_member
 from proxy.reload import ConfigWatcher
 from proxy.stats import Stats, UpstreamStats
 from proxy.workers import FollowerSync, LeaderSync, WorkerRole, merged_stats
@@ -62,6 +63,7 @@ class ProxyApp:
         self.follower_sync: FollowerSync | None = None
         self.remote_state: RolloutState | None = None  # followers: the leader's (first) rollout state
         self.remote_states: dict[str, RolloutState] = {}  # followers: every rollout's, by name
+        self.fleet: FleetMember | None = None  # fleet mode: this replica's membership (worker 0 only)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -71,10 +73,22 @@ class ProxyApp:
         role = self.role
         follower = role is not None and not role.leader
         if not follower:
+            self.fleet = make_member(self.config, self.stats, lambda: self.config, workers=role is not None)
+            seams = self.fleet.store if self.fleet is not None else None
             self.controller = RolloutManager(
-                config=self.config, stats=self.stats, clock=self.clock, on_change=self._rollout_changed
+                config=self.config,
+                stats=self.stats,
+                clock=self.clock,
+                on_change=self._rollout_changed,
+                observations=seams,
+                gate=seams,
+                store=seams,
+                replica=self.fleet.replica if self.fleet is not None else None,
             )
             await self.controller.start()
+            if self.fleet is not None:
+                self.fleet.attach(self.controller)
+                await self.fleet.start()
         self.plane = DataPlane(self.stats, loop)
         self.plane.swap(self._compile(self.config, self._state()))
         if self.config.access_log.enabled:
@@ -197,6 +211,9 @@ class ProxyApp:
                 if (new.listen, new.admin) != (old.listen, old.admin):
                     log.warning("listen/admin address changes need a restart; keeping the old listeners")
                     new = replace(new, listen=old.listen, admin=old.admin)
+                if new.fleet != old.fleet:
+                    log.warning("fleet section changes need a restart; keeping the old one")
+                    new = replace(new, fleet=old.fleet)
                 # Compile against the state the controller *would* adopt, without touching it.
                 tentative: dict[str, RolloutState] = {}
                 if self.controller is None:
@@ -299,6 +316,9 @@ class ProxyApp:
         if self.follower_sync is not None:
             await self.follower_sync.stop()
             self.follower_sync = None
+        if self.fleet is not None:
+            await self.fleet.stop()
+            self.fleet = None
         if self.controller is not None:
             await self.controller.stop()
         if self.leader_sync is not None:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.config import ConfigError, load_config
+from proxy.fleet.report import format_fleet
 from proxy.status import admin_url
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
@@ -191,6 +192,8 @@ def format_status(doc: dict[str, Any], *, base: str = "", ascii_only: bool = Fal
     title = "UPSTREAMS" + (f" (last {window:g}s)" if isinstance(window, int | float) else "")
     lines += ["", title, *_upstreams_table(ups)]
     lines += ["", "EVENTS", *_events_table(doc.get("events") or [])]
+    if isinstance(doc.get("fleet"), dict):
+        lines += ["", "FLEET", *format_fleet(doc["fleet"], now)]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import (
 from proxy import __version__
 from proxy.analysis.rollout import RolloutState
 from proxy.analysis_metrics import analysis_families
+from proxy.fleet.report import fleet_metrics
 from proxy.metrics_mirror import mirror_families
 from proxy.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 # Plain text 0.0.4: every name here is a legacy-valid name, and every scraper understands it.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 PHASES = ("progressing", "steady", "paused", "promoted", "rolled_back")
+FLEET_PHASES = (*PHASES, "held")  # held: fleet mode only (the fleet state not read yet)
 UNMATCHED = "(none)"  # route/upstream label of requests no route matched
 
 
@@ -86,6 +88,8 @@ class ProxyCollector:
             "Malformed or over-limit client requests answered with 4xx before routing.",
             value=stats.rejected,
         )
+        if app.fleet is not None:
+            yield from fleet_metrics(app.fleet)
 
 
 def make_registry(app: ProxyApp, *, process: bool = True) -> CollectorRegistry:
@@ -219,7 +223,7 @@ def _rollout(app: ProxyApp) -> Iterator[Metric]:
         if state is not None:
             number = 0 if state.phase in ("steady", "rolled_back") else state.step_index + 1
             step.add_metric([cfg.name, cfg.canary], number)
-            for p in PHASES:
+            for p in FLEET_PHASES if app.fleet is not None else PHASES:
                 phase.add_metric([cfg.name, p], 1.0 if p == state.phase else 0.0)
             stalled.add_metric([cfg.name], 1.0 if state.stalled else 0.0)
     for upstream, n in sorted(counts.items()):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from proxy import __version__, native
 from proxy.analysis.rollout import canary_weight, ladder_weight
 from proxy.analysis.window import WindowStats
+from proxy.fleet.report import fleet_status
 from proxy.metrics import current_state, current_states
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def build_status(app: ProxyApp) -> dict[str, Any]:
     """Everything `/status` reports, read from the app at this instant."""
     now = app.clock()
     config = app.config
-    return {
+    doc = {
         "version": __version__,
         "hot_path": native.state(),
         "draining": app.draining,
@@ -44,6 +45,9 @@ def build_status(app: ProxyApp) -> dict[str, Any]:
         "rollouts": rollouts_status(app),
         "events": _events(app),
     }
+    if app.fleet is not None:  # only in fleet mode
+        doc["fleet"] = fleet_status(app.fleet, now)
+    return doc
 
 
 def rollouts_status(app: ProxyApp) -> list[dict[str, Any]]:

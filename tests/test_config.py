@@ -312,7 +312,7 @@ BAD = [
         'lisen: unknown key; did you mean "listen"? (allowed: listen, admin, upstreams, routes, '
         "timeouts, limits, rollout, metrics, access_log, retries, outlier_detection, trusted_proxies,"
         " admin_token, "
-        "admin_token_file, shutdown_grace, rollouts) (line 10)",
+        "admin_token_file, shutdown_grace, rollouts, fleet) (line 10)",
     ),
     (
         BASE + "timeouts: {conect: 1s}\n",
@@ -683,7 +683,7 @@ bogus: 1
         'timeouts.connect: invalid duration "2x" (use e.g. 500ms, 2s, 1m) (line 15)',
         "bogus: unknown key (allowed: listen, admin, upstreams, routes, timeouts, limits, rollout, metrics, "
         "access_log, retries, outlier_detection, trusted_proxies, admin_token, admin_token_file, "
-        "shutdown_grace, rollouts) (line 16)",
+        "shutdown_grace, rollouts, fleet) (line 16)",
     ]
 
 

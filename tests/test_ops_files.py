@@ -623,6 +623,17 @@ def test_kubernetes_manifests_are_consistent(tmp_path: Path) -> None:
                 backends = [d for d in deploys if sel <= d["spec"]["template"]["metadata"]["labels"].items()]
                 assert backends, f"Service {svc['metadata']['name']} selects no Deployment"
 
+    # fleet mode: the Redis the sidecars share is a Service of the example, with persistence (AOF)
+    if cfg.fleet is not None:
+        from proxy.config.fleet import parse_redis_url
+
+        host, port = parse_redis_url(cfg.fleet.redis).hosts[0]
+        svc = objs[("Service", host.split(".")[0])]
+        assert port in [p["port"] for p in svc["spec"]["ports"]]
+        redis_pod = next(d for d in deploys if svc["spec"]["selector"].items()
+                         <= d["spec"]["template"]["metadata"]["labels"].items())["spec"]["template"]["spec"]
+        assert "--appendonly" in redis_pod["containers"][0]["args"]
+
 
 # ---------------------------------------------------------------- systemd
 

@@ -15,11 +15,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from proxy.analysis.checks import CheckResult, CheckRunner, combine
 from proxy.analysis.gates import GateRunner
 from proxy.analysis.notify import Notifier
+from proxy.analysis.ports import AlwaysDecide, DeciderGate, FileStore, LocalObservations, Observations, StateStore
 from proxy.analysis.rollout import (
     Command,
     JSONScalar,
@@ -28,14 +30,12 @@ from proxy.analysis.rollout import (
     canary_weight,
     on_command,
     on_verdict,
-    reconcile,
     trip,
 )
-from proxy.analysis.statefile import load_state, save_state, state_to_dict
+from proxy.analysis.statefile import state_to_dict
 from proxy.analysis.steps import Analysis, judging, stamp
-from proxy.analysis.verdict import Verdict, judge
+from proxy.analysis.verdict import Breach, Verdict, judge
 from proxy.analysis.webhook import WebhookSender
-from proxy.analysis.window import WindowStats
 from proxy.config.model import Config, Rollout
 from proxy.stats import Stats
 
@@ -59,9 +59,18 @@ class RolloutController:
         tick: float = 1.0,
         webhook_factory: WebhookFactory = WebhookSender,
         name: str | None = None,
+        observations: Observations | None = None,
+        gate: DeciderGate | None = None,
+        store: StateStore | None = None,
+        replica: str | None = None,
     ) -> None:
         self._name = name  # the rollout this controller runs (None: the config's first)
         self._config = config
+        # The seams fleet mode replaces (proxy.analysis.ports): evidence, who decides, where state lives.
+        self._observations: Observations = observations or LocalObservations(stats)
+        self._gate: DeciderGate = gate or AlwaysDecide()
+        self._store: StateStore = store or FileStore()
+        self.replica = replica  # named in events (fleet mode)
         self._stats = stats
         self._clock = clock
         self._on_change = on_change
@@ -132,10 +141,9 @@ class RolloutController:
         rollout = self._rollout()
         if rollout is None:
             return
-        saved = load_state(rollout.state_file) if rollout.state_file else None
         self._set_webhook(rollout.webhook)
         self._set_notifier(rollout)
-        self._adopt(saved, rollout, notify=True)
+        self._adopt(None, rollout, notify=True)
 
     async def run(self) -> None:
         """Evaluate every `tick` seconds until cancelled (or `stop`)."""
@@ -153,18 +161,29 @@ class RolloutController:
         state = self._state
         if rollout is None or state is None:
             return None
+        mode = self._gate.mode(rollout)
+        if mode == "follow":
+            self._last_verdict = self._last_verdict_at = self.analysis = None  # ours would be stale
+            return None  # another process judges (the fleet's leader)
         now = self._clock() if now is None else now
-        canary = self._window(rollout.canary, now, rollout)
-        baseline = self._window(rollout.baseline, now, rollout)
+        canary = self._observations.window(rollout, rollout.canary, now)
+        baseline = self._observations.window(rollout, rollout.baseline, now)
         verdict = judge(canary, baseline, judging(rollout, state))
         if rollout.checks and state.phase not in ("rolled_back", "promoted"):
             verdict = combine(verdict, self._checks.poll(rollout, now))
         self._last_verdict = verdict
         self._last_verdict_at = now
         self.analysis = Analysis(canary, baseline, verdict, now)
+        if mode == "watch":
+            # Cut off from the decider: a breach still stops the canary here, nothing else moves.
+            if isinstance(verdict, Breach):
+                new, events = on_verdict(state, verdict, rollout, now)
+                if new is not state:
+                    self._apply(new, events, latch=True)
+            return verdict
         gate_open = self._gates.poll(rollout, state, now)
         new, events = on_verdict(state, verdict, rollout, now, gate_open=gate_open)
-        self._apply(new, events)
+        self._commit(rollout, state, new, events)
         return verdict
 
     def command(self, name: Command, reason: str | None = None, *, full: bool = False) -> RolloutState:
@@ -177,8 +196,24 @@ class RolloutController:
         if name == "reset":
             self._reset_fast_fail_count(rollout)
             self._checks.forget()  # a tripped check must not trip the fresh start
-        self._apply(new, events)
+        if name == "rollback":
+            if new is not self._state:
+                self._apply(new, events, latch=True)
+        else:
+            self._commit(rollout, self._state, new, events)
         return new
+
+    def adopt(self, state: RolloutState, events: list[RolloutEvent], *, webhook: bool = False) -> None:
+        """Apply a state decided elsewhere (the fleet's state store); `webhook`: also send the events
+        to the webhook (the process that caused them does, the others only log them)."""
+        rollout = self._rollout()
+        old = self._state
+        if rollout is None or old is None:
+            return
+        if old.phase in ("rolled_back", "promoted") and state.phase not in ("rolled_back", "promoted"):
+            self._reset_fast_fail_count(rollout)  # a fresh start must not trip on an old count
+            self._checks.forget()
+        self._apply(state, events, webhook=webhook)
 
     def reconfigure(self, config: Config) -> RolloutState | None:
         """Adopt a reloaded config: keep the state unless the canary (or its version) changed.
@@ -198,10 +233,7 @@ class RolloutController:
             self._set_webhook(rollout.webhook)
         if old_rollout is None or old_rollout.webhooks != rollout.webhooks:
             self._set_notifier(rollout)
-        saved = self._state
-        if saved is None and rollout.state_file:
-            saved = load_state(rollout.state_file)  # a rollout added by a reload
-        self._adopt(saved, rollout, notify=False)
+        self._adopt(self._state, rollout, notify=False)  # None: a rollout added by a reload
         return self._state
 
     def record_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
@@ -253,18 +285,14 @@ class RolloutController:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _window(self, name: str, now: float, rollout: Rollout) -> WindowStats:
-        us = self._stats.upstreams.get(name)
-        if us is None:
-            return WindowStats.empty(rollout.window)
-        return us.window.stats(now, rollout.window)
-
     def _adopt(self, saved: RolloutState | None, rollout: Rollout, *, notify: bool) -> None:
         """Reconcile `saved` with the config; save; tell on_change when asked."""
         now = self._clock()
         up = self._config.upstreams.get(rollout.canary)
         version = up.version if up is not None else None
-        new = reconcile(saved, rollout, version, now)
+        if saved is None:
+            saved = self._store.load(rollout)
+        new = self._store.resolve(saved, rollout, version, now)
         events: list[RolloutEvent] = []
         if saved is not None and (saved.canary, saved.canary_version) != (new.canary, new.canary_version):
             msg = (
@@ -281,14 +309,23 @@ class RolloutController:
         if notify:
             self._notify(new)
 
-    def _apply(self, new: RolloutState, events: list[RolloutEvent]) -> None:
+    def _commit(
+        self, rollout: Rollout, base: RolloutState, new: RolloutState, events: list[RolloutEvent]
+    ) -> None:
+        """A decision: the store may apply it now or later (fleet mode: after its fenced write)."""
+        if self._store.commit(rollout, base, new, events):
+            self._apply(new, events)
+
+    def _apply(
+        self, new: RolloutState, events: list[RolloutEvent], *, latch: bool = False, webhook: bool = True
+    ) -> None:
         changed = new != self._state
         self._state = new
         if changed:
-            self._save(new)
+            self._save(new, latch=latch)
             self._arm()
             self._notify(new)
-        self._publish(events)
+        self._publish(events, webhook=webhook)
 
     def _notify(self, state: RolloutState) -> None:
         if self._on_change is None:
@@ -299,34 +336,39 @@ class RolloutController:
             # The state (and its file) stay right; the next change or reload tries again.
             log.exception("rollout on_change callback failed")
 
-    def _publish(self, events: list[RolloutEvent]) -> None:
+    def _publish(self, events: list[RolloutEvent], *, webhook: bool = True) -> None:
         rollout = self._rollout()
         if rollout is not None:
             events = stamp(events, rollout)
         for event in events:
+            if self.replica is not None and "replica" not in event.data:
+                event = replace(event, data={**event.data, "replica": self.replica})
             self.events.append(event)
             self._log(event)
             if event.kind == "rollback" and rollout is not None:
                 self._stats.rollbacks[rollout.canary] = self._stats.rollbacks.get(rollout.canary, 0) + 1
-            if self._webhook is not None and rollout is not None:
+            if webhook and self._webhook is not None and rollout is not None:
                 payload = event.to_dict()
                 payload.update(canary=rollout.canary, baseline=rollout.baseline)
                 if self._state is not None:
                     payload.update(phase=self._state.phase, weight=canary_weight(self._state, rollout))
                 self._webhook.send(payload)
-            if self._notifier is not None and rollout is not None and self._state is not None:
+            if webhook and self._notifier is not None and rollout is not None and self._state is not None:
                 self._notifier.send(event, rollout, self._state)
 
     def _log(self, event: RolloutEvent) -> None:
         line = json.dumps({"logger": "canary_proxy.rollout", **event.to_dict()}, default=str)
         log.log(logging.WARNING if event.kind == "rollback" else logging.INFO, line)
 
-    def _save(self, state: RolloutState) -> None:
+    def _save(self, state: RolloutState, *, latch: bool = False) -> None:
         rollout = self._rollout()
-        if rollout is None or not rollout.state_file:
+        if rollout is None:
             return
         try:
-            save_state(rollout.state_file, state)
+            if latch:
+                self._store.latch(rollout, state)
+            else:
+                self._store.save(rollout, state)
         except OSError as exc:
             # The in-memory latch still holds; only a restart would lose it.
             log.error("could not write rollout state file %s: %s", rollout.state_file, exc)
@@ -376,7 +418,7 @@ class RolloutController:
             return state
         new, events = trip(state, rollout, self._clock(), reason, data or {})
         if new is not state:
-            self._apply(new, events)
+            self._apply(new, events, latch=True)
         return self._state
 
     def _on_fast_fail(self) -> None:
@@ -412,7 +454,7 @@ class RolloutController:
         state = self._state
         if state is None:
             return
-        self._save(state)
+        self._save(state, latch=True)
         self._notify(state)
         self._publish(events)
 

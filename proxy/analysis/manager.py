@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.analysis.controller import MAX_EVENTS, RolloutController, WebhookFactory
+from proxy.analysis.ports import DeciderGate, Observations, StateStore
 from proxy.analysis.rollout import Command, JSONScalar, RolloutEvent, RolloutState
 from proxy.analysis.verdict import Verdict
 from proxy.analysis.webhook import WebhookSender
@@ -39,7 +40,14 @@ class RolloutManager:
         on_change: OnChanges | None = None,
         tick: float = 1.0,
         webhook_factory: WebhookFactory = WebhookSender,
+        *,
+        observations: Observations | None = None,
+        gate: DeciderGate | None = None,
+        store: StateStore | None = None,
+        replica: str | None = None,
     ) -> None:
+        # The seams every controller gets (fleet mode replaces them; see proxy.analysis.ports).
+        self._seams = (observations, gate, store, replica)
         self._config = config
         self._stats = stats
         self._clock = clock
@@ -59,6 +67,10 @@ class RolloutManager:
             tick=self._tick,
             webhook_factory=self._webhook_factory,
             name=name,
+            observations=self._seams[0],
+            gate=self._seams[1],
+            store=self._seams[2],
+            replica=self._seams[3],
         )
 
     def _changed(self, _state: RolloutState) -> None:

@@ -5,7 +5,9 @@ Phases:
 - "paused": an operator froze the step (a breach still rolls back);
 - "steady": a rollout without steps, the configured weights stay and the verdict is only watched;
 - "promoted": the canary has 100% of every split it is in; analysis stops;
-- "rolled_back": latched: the canary gets nothing until `reset` or a new canary version.
+- "rolled_back": latched: the canary gets nothing until `reset` or a new canary version;
+- "held": fleet mode only, never stored: this replica has not read the fleet's state yet (or it is for
+  another canary version), so splits give the canary nothing; `to: canary` routes still go to it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal
 from proxy.analysis.verdict import Breach, Healthy, Verdict
 from proxy.config.model import Rollout
 
-Phase = Literal["progressing", "steady", "paused", "promoted", "rolled_back"]
+Phase = Literal["progressing", "steady", "paused", "promoted", "rolled_back", "held"]
 Command = Literal["pause", "resume", "promote", "rollback", "reset"]
 COMMANDS: tuple[Command, ...] = ("pause", "resume", "promote", "rollback", "reset")
 JSONScalar = float | int | str | bool | None
@@ -111,7 +113,7 @@ def ladder_weight(state: RolloutState | None, cfg: Rollout | None) -> float | No
     """The canary's share the state stands for, whatever the mode."""
     if state is None or cfg is None:
         return None
-    if state.phase == "rolled_back":
+    if state.phase in ("rolled_back", "held"):
         return 0.0
     if state.phase == "promoted":
         return 100.0

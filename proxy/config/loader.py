@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from yaml.nodes import ScalarNode
 
 from proxy.config.errors import ConfigError
+from proxy.config.fleet import read_fleet
 from proxy.config.hosts import parse_host_pattern
 from proxy.config.model import (
     AccessLog,
@@ -60,7 +61,7 @@ DEFAULT_ADMIN = Address("127.0.0.1", 9901)
 TOP_KEYS = (
     "listen", "admin", "upstreams", "routes", "timeouts", "limits", "rollout", "metrics", "access_log",
     "retries", "outlier_detection", "trusted_proxies", "admin_token", "admin_token_file", "shutdown_grace",
-    "rollouts",
+    "rollouts", "fleet",
 )  # fmt: skip
 ROUTE_KEYS = ("name", "match", "to", "split", "sticky", "max_body_size", "mirror")
 MATCH_KEYS = ("headers", "cookies", "query", "path_prefix", "methods", "host")
@@ -167,6 +168,7 @@ class _Parser:
             trusted_proxies=self.opt(top.get("trusted_proxies"), (), lambda x: r.list_of(x, parse_network)),
             admin_token=self.admin_token(top.get("admin_token"), top.get("admin_token_file")),
             shutdown_grace=self.opt(top.get("shutdown_grace"), 20.0, self.grace),
+            fleet=read_fleet(r, top["fleet"]) if "fleet" in top else None,
         )
 
     @staticmethod

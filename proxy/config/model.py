@@ -252,6 +252,16 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class Fleet:
+    """`fleet:`: replicas sharing their rollouts through Redis (see proxy/fleet)."""
+
+    redis: str  # redis://, rediss:// or redis+sentinel:// URL, validated
+    namespace: str
+    replica: str = ""  # "" = hostname-pid, filled in at start
+    lease: float = 5.0  # seconds
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated config file."""
 
@@ -269,6 +279,7 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* we keep
     admin_token: str | None = None  # resolved value (from admin_token_file / env / inline)
     shutdown_grace: float = 20.0
+    fleet: Fleet | None = None  # None: no Redis anywhere
     source_hash: str = ""  # sha256 of the file bytes, first 12 hex digits
     source_path: str = ""
     rollouts: tuple[Rollout, ...] = ()  # every rollout, by name; `rollout` is the first one

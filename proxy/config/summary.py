@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.config.fleet import redact
 from proxy.config.model import Config, Match, Rollout, Route, StringMatch
 from proxy.config.units import fmt_duration, fmt_number, fmt_size
 
@@ -31,6 +32,12 @@ def summarize(cfg: Config) -> str:
             lines.extend(_rollout(rollout))
     else:
         lines.append("rollout: none (weights stay as configured)")
+    if cfg.fleet is not None:
+        f = cfg.fleet
+        lines.append(
+            f"fleet: namespace {f.namespace}, replica {f.replica or '(hostname-pid)'}, redis {redact(f.redis)},"
+            f" lease {fmt_duration(f.lease)}"
+        )
     return "\n".join(lines)
 
 
