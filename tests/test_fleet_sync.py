@@ -151,7 +151,7 @@ async def test_manual_rollback_on_one_replica_reaches_all_within_a_second(
     code, body = await asyncio.to_thread(post, procs[1], "/rollout/pause")
     assert code == 200, body
     await poll(lambda: all(rollout(pp)["phase"] == "paused" for pp in procs), 5, "paused everywhere")
-    code, body = await asyncio.to_thread(post, procs[2], "/rollout/promote")
+    code, body = await asyncio.to_thread(post, procs[2], "/rollout/promote?full=1")
     assert code == 200, body
     await poll(lambda: all(split_weight(pp) == 100.0 for pp in procs), 5, "promoted everywhere")
 
