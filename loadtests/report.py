@@ -198,4 +198,8 @@ def write_results(
     begin, end = "<!-- fleet:begin -->", "<!-- fleet:end -->"
     if begin in old and end in old:
         parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
+    # So is the "Rollout decisions" section (loadtests/decision_quality.py, rollback_time.py).
+    begin, end = "<!-- decisions:begin -->", "<!-- decisions:end -->"
+    if begin in old and end in old:
+        parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
     path.write_text("\n".join(parts))

@@ -2,13 +2,15 @@
 
 Real processes: two upstreams (one each, so the canary can be killed), `python -m proxy run`, and an
 open-loop asyncio client in this process (users with `x-user-id`, keep-alive, a sticky 90/10
-split). After a healthy warm-up the canary goes bad: every request a 500, half of them, or the
-process killed. We measure the seconds from that moment to the canary's weight reaching 0 (the
-rollback event's `at`, and /status polled every 50 ms) and the user requests that failed meanwhile.
+split). After a healthy warm-up the canary goes bad: every request a 500, half of them, the process
+killed, or hung (it accepts and reads requests but never answers). We measure the seconds from that
+moment to the canary's weight reaching 0 (the rollback event's `at`, and /status polled every
+50 ms), the user requests that failed meanwhile, and the requests that waited more than 5 s.
 
     python -m loadtests.rollback_time            # every scenario, warm-up = the window (~5 min)
     python -m loadtests.rollback_time --quick    # 10 s warm-ups
     python -m loadtests.rollback_time --only tight
+    python -m loadtests.rollback_time --rate 200 --only default --failure hung --repeat 5
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ PROFILES = {
     "default": ("", 60.0),  # window 60s, min_requests 100, fast_fail 20
     "tight": ("  window: 10s\n  min_requests: 20\n  fast_fail: {consecutive_errors: 5}\n", 10.0),
 }
-FAILURES = {"500 all": 1.0, "500 half": 0.5, "killed": -1.0}
+FAILURES = {"500 all": 1.0, "500 half": 0.5, "killed": -1.0, "hung": -2.0}
+SLOW = 5.0  # seconds: a user request waiting longer than this counts as a long wait
 
 
 @dataclass(frozen=True)
@@ -64,17 +67,23 @@ class Result:
     failed: int  # user requests sent after the flip that failed (5xx or connection error)
     failed_after_rollback: int  # ... of those, sent after the poll saw weight 0
     canary_after_rollback: int  # requests sent after the poll saw weight 0 yet served by the canary
+    slow: int = 0  # user requests sent after the flip that waited longer than SLOW seconds
+    longest: float = 0.0  # the longest wait of those, seconds
 
 
 # -- upstream process --------------------------------------------------------------------------------
 
 
 def serve(name: str, port: int) -> None:
-    """Run one upstream: `GET /` answers with its name; `POST /_fail?rate=R` makes it fail R of requests."""
+    """Run one upstream: `GET /` answers with its name; `POST /_fail?rate=R` makes it fail R of requests
+    (R = -2: hang, never answering)."""
     fail = {"rate": 0.0}
     rng = random.Random(name)
+    never = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
+        if fail["rate"] == -2.0:
+            await never.wait()  # hung: the request is read, no answer ever comes
         if fail["rate"] and rng.random() < fail["rate"]:
             return web.Response(status=500, text=f"{name} broken\n", headers={"X-Upstream": name})
         return web.Response(text=f"{name} ok\n", headers={"X-Upstream": name})
@@ -147,6 +156,7 @@ class Load:
         self.url = f"http://127.0.0.1:{port}/"
         self.rate = rate
         self.records: list[tuple[float, int, str]] = []
+        self.waits: list[tuple[float, float]] = []  # (sent at, seconds to the whole response)
         self.rng = random.Random(42)
 
     async def one(self, session: aiohttp.ClientSession) -> None:
@@ -158,11 +168,12 @@ class Load:
                 self.records.append((sent, resp.status, resp.headers.get("X-Upstream", "?")))
         except (aiohttp.ClientError, TimeoutError):
             self.records.append((sent, 0, "error"))
+        self.waits.append((sent, time.time() - sent))
 
     async def run(self, stop: asyncio.Event) -> None:
         tick = 0.01
         connector = aiohttp.TCPConnector(limit=128)
-        timeout = aiohttp.ClientTimeout(total=10)
+        timeout = aiohttp.ClientTimeout(total=40)  # longer than timeouts.response: a hung wait shows in full
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             pending: set[asyncio.Task[None]] = set()
             t0 = time.monotonic()
@@ -176,7 +187,7 @@ class Load:
                 n = max(n, due)
                 await asyncio.sleep(tick)
             if pending:
-                await asyncio.wait(pending, timeout=10)
+                await asyncio.wait(pending, timeout=40)
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> dict[str, object]:
@@ -219,7 +230,7 @@ async def run_scenario(sc: Scenario, rate: int, warmup: float, settle: float, wo
                 raise RuntimeError(f"{sc.name}: the healthy canary was judged {doc['rollout']}")
             rate_fail = FAILURES[sc.failure]
             flipped = time.time()
-            if rate_fail < 0:
+            if rate_fail == -1.0:
                 ups["canary"].kill()
             else:
                 async with session.post(f"http://127.0.0.1:{ports['canary']}/_fail?rate={rate_fail}") as r:
@@ -243,6 +254,7 @@ async def run_scenario(sc: Scenario, rate: int, warmup: float, settle: float, wo
         seconds = max(r[0] for r in after) - flipped if after else 0.0
         back = flipped + to_weight0 if to_weight0 is not None else float("inf")
         failed = [r for r in after if r[1] == 0 or r[1] >= 500]
+        waits = [w for sent, w in load.waits if sent >= flipped]
         return Result(
             scenario=sc,
             rate=len(after) / seconds if seconds else 0.0,
@@ -253,6 +265,8 @@ async def run_scenario(sc: Scenario, rate: int, warmup: float, settle: float, wo
             failed=len(failed),
             failed_after_rollback=sum(1 for r in failed if r[0] >= back),
             canary_after_rollback=sum(1 for r in after if r[0] >= back and r[2] == "canary"),
+            slow=sum(1 for w in waits if w > SLOW),
+            longest=max(waits, default=0.0),
         )
     finally:
         stop(proxy)
@@ -268,13 +282,14 @@ def table(results: list[Result], rate: int, warmup: str) -> str:
     head = (
         f"rollback time at {rate} req/s offered, canary {CANARY_PERCENT}% (sticky), warm-up {warmup}\n"
         f"{'scenario':22s} {'req/s':>6s} {'event s':>8s} {'weight0 s':>9s} {'failed':>7s} "
-        f"{'after rb':>8s} {'canary after rb':>15s}  reason"
+        f"{'after rb':>8s} {'canary after rb':>15s} {'waits>5s':>8s} {'longest s':>9s}  reason"
     )
     rows = [head, "-" * len(head.splitlines()[-1])]
     for r in results:
         rows.append(
             f"{r.scenario.name:22s} {r.rate:6.0f} {_fmt(r.to_event):>8s} {_fmt(r.to_weight0):>9s} "
-            f"{r.failed:7d} {r.failed_after_rollback:8d} {r.canary_after_rollback:15d}  {r.reason[:70]}"
+            f"{r.failed:7d} {r.failed_after_rollback:8d} {r.canary_after_rollback:15d} {r.slow:8d}"
+            f" {r.longest:9.2f}  {r.reason[:70]}"
         )
     return "\n".join(rows)
 
@@ -285,10 +300,11 @@ async def main_async(opts: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="rollback-time-") as tmp:
         for profile in profiles:
             warmup = opts.warmup if opts.warmup is not None else PROFILES[profile][1]
-            for failure in FAILURES:
-                sc = Scenario(profile, failure)
-                print(f"running {sc.name} (warm-up {warmup:g}s) ...", file=sys.stderr, flush=True)
-                results.append(await run_scenario(sc, opts.rate, warmup, opts.settle, Path(tmp)))
+            for failure in [opts.failure] if opts.failure else list(FAILURES):
+                for _ in range(opts.repeat):
+                    sc = Scenario(profile, failure)
+                    print(f"running {sc.name} (warm-up {warmup:g}s) ...", file=sys.stderr, flush=True)
+                    results.append(await run_scenario(sc, opts.rate, warmup, opts.settle, Path(tmp)))
     print(table(results, opts.rate, "the window" if opts.warmup is None else f"{opts.warmup:g}s"))
     if opts.json:
         print(json.dumps([r.__dict__ | {"scenario": r.scenario.name} for r in results], indent=2))
@@ -303,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=60.0, help="give up waiting for the rollback after this")
     parser.add_argument("--only", choices=list(PROFILES), help="one threshold profile")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    parser.add_argument("--failure", choices=list(FAILURES), help="one failure mode")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario (default 1)")
     parser.add_argument("--serve", nargs=2, metavar=("NAME", "PORT"), help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.serve:

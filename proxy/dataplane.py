@@ -263,6 +263,16 @@ class DataPlane(DataPlaneLike):
 
     def _send(self, req: Request, client: ClientConnection, pool: EndpointPool, fresh: bool = False) -> None:
         req.pool = pool
+        binding = req.binding
+        if binding is not None:
+            us = binding.upstream.stats
+            if us.track_inflight and req.track is None:
+                req.track_key = us.try_started(req.t0)
+                req.track = us
+            # The canary's idempotent tries get their own timeout when a retry can follow: a hung
+            # canary falls back to the baseline fast.
+            retryable = req.method in H.IDEMPOTENT and req.retries < req.snapshot.config.retries.attempts
+            req.try_timeout = us.try_timeout if us.try_timeout and retryable else 0.0
         conn = None if fresh else pool.take_idle()
         if conn is not None:
             client.upstream_ready(conn)
@@ -292,6 +302,8 @@ class DataPlane(DataPlaneLike):
     def upstream_error(self, req: Request, client: ClientConnection, kind: int) -> None:
         """Record one failed attempt against the upstream and endpoint that failed."""
         binding = req.binding
+        if req.track is not None:
+            _end_try(req)
         if binding is None:
             return
         now = self.loop.time()
@@ -329,7 +341,8 @@ class DataPlane(DataPlaneLike):
             return False  # the request was sent: it may have reached the application
         upstream = req.binding.upstream
         now = self.loop.time()
-        pool = upstream.balancer.pick(now, exclude=req.pool)
+        # A canary try that timed out goes to the baseline: its other endpoints may hang as well.
+        pool = None if kind == KIND_TIMEOUT else upstream.balancer.pick(now, exclude=req.pool)
         fresh = False
         fallback = None
         if pool is None or pool.ejected_until > now:
@@ -364,6 +377,8 @@ class DataPlane(DataPlaneLike):
         stats.in_flight -= 1
         if req.mirror is not None:
             self.mirrors.drop(req)  # the body never completed
+        if req.track is not None:
+            _end_try(req)
         if req.retries:
             self.retrying -= 1
         status = req.status
@@ -399,6 +414,8 @@ class DataPlane(DataPlaneLike):
         client.upstream = None
         if req.status:
             client.abort()
+        elif req.try_timeout:
+            client.upstream_failed(req, KIND_TIMEOUT, 504)  # the canary's try timed out: the baseline may answer
         else:
             client.respond_error(req, 504)
 
@@ -422,3 +439,11 @@ class DataPlane(DataPlaneLike):
                 if u.deadline and u.deadline <= now:
                     u.deadline = 0.0
                     self.upstream_timeout(u)
+
+
+def _end_try(req: Request) -> None:
+    """The try `req.track` counts as outstanding is over."""
+    us = req.track
+    if us is not None:
+        req.track = None
+        us.try_ended(req.track_key)

@@ -40,9 +40,12 @@ class UpstreamStats:
         "duration_counts",
         "duration_sum",
         "errors",
+        "inflight",
         "name",
         "on_trip",
+        "track_inflight",
         "trip_at",
+        "try_timeout",
         "window",
     )
 
@@ -58,6 +61,32 @@ class UpstreamStats:
         # fast_fail: when consecutive_errors reaches trip_at, on_trip() runs (set by the controller)
         self.trip_at = 1 << 62
         self.on_trip: Callable[[], None] | None = None
+        # The canary's tries still outstanding, by tenth of a second they started (monotonic), so
+        # the analysis can count a request slower than the bound before it ends (set by the controller).
+        self.track_inflight = False
+        self.inflight: dict[int, int] = {}
+        # Per-try timeout of idempotent tries (0: timeouts.response); the controller sets it for the canary.
+        self.try_timeout = 0.0
+
+    def try_started(self, t0: float) -> int:
+        """Count a try of a request that started at `t0` (monotonic) as outstanding; returns its key."""
+        key = int(t0 * 10.0)
+        inflight = self.inflight
+        inflight[key] = inflight.get(key, 0) + 1
+        return key
+
+    def try_ended(self, key: int) -> None:
+        """The try counted under `key` ended (a response, a failure or the client gone)."""
+        inflight = self.inflight
+        left = inflight.get(key, 0) - 1
+        if left > 0:
+            inflight[key] = left
+        else:
+            inflight.pop(key, None)
+
+    def outstanding(self, now: float) -> list[tuple[float, int]]:
+        """(age at least, count) of the tries still outstanding at `now` (monotonic)."""
+        return [(now - (key + 1) / 10.0, count) for key, count in self.inflight.items()]
 
     def observe(self, now: float, duration: float, is_error: bool) -> None:
         """Record one finished exchange (a response, or a failure that produced a 5xx)."""
@@ -156,4 +185,7 @@ class Stats:
                 us.window = old.window
                 us.trip_at = old.trip_at
                 us.on_trip = old.on_trip
+                us.track_inflight = old.track_inflight
+                us.inflight = old.inflight
+                us.try_timeout = old.try_timeout
         return us

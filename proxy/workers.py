@@ -165,6 +165,7 @@ class LeaderSync:
                 "state": None if state is None else state_to_dict(state),
                 "states": {name: state_to_dict(s) for name, s in states.items()},
                 "config_hash": app.config.source_hash,
+                "canary_try_timeouts": controller.canary_try_timeouts if controller is not None else {},
             }
         )
 
@@ -233,11 +234,22 @@ class FollowerSync:
                     else:
                         raw = answer.get("state")
                         self.app.apply_remote_state(None if raw is None else state_from_dict(raw))
+                    self._apply_try_timeouts(answer.get("canary_try_timeouts"))
                 except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
                     log.debug("worker %d: sync with the leader failed: %s", self.role.index, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), SYNC_EVERY)
                 self._wake.clear()
+
+
+    def _apply_try_timeouts(self, timeouts: object) -> None:
+        """The leader derives each canary's per-try timeout; every worker's data plane uses it."""
+        if not isinstance(timeouts, dict):
+            return
+        buckets = self.app.config.metrics.buckets
+        for name, seconds in timeouts.items():
+            if isinstance(name, str) and isinstance(seconds, int | float) and name in self.app.config.upstreams:
+                self.app.stats.upstream(name, buckets).try_timeout = float(seconds)
 
 
 # -- master ---------------------------------------------------------------------------------------

@@ -143,8 +143,10 @@ rollout:
   min_requests: 20
   error_statuses: [5XX, 429, "503", 4xx, 5xx]
   confidence: 0.95
-  thresholds: {max_error_rate: 0.1, max_error_rate_increase: null, max_p99: 800ms, max_p99_ratio: 1.5}
+  thresholds: {max_error_rate: 0.1, max_error_rate_increase: null, max_p99: 800ms, max_p99_ratio: 1.5,
+               max_error_rate_ratio: 2, max_median_ratio: 1.25}
   fast_fail: {consecutive_errors: 0}
+  canary_try_timeout: 750ms
   state_file: /var/lib/canary/state.json
   webhook: https://hooks.example.com/x
 metrics: {buckets: [0.001, 0.1, 1, 10]}
@@ -168,10 +170,11 @@ shutdown_grace: 0
         min_requests=20,
         error_statuses=("5xx", "429", "503", "4xx"),
         confidence=0.95,
-        thresholds=Thresholds(max_error_rate=0.1, max_error_rate_increase=None, max_p99=0.8, max_p99_ratio=1.5),
+        thresholds=Thresholds(0.1, None, 0.8, 1.5, max_error_rate_ratio=2.0, max_median_ratio=1.25),
         fast_fail=FastFail(0),
         state_file="/var/lib/canary/state.json",
         webhook="https://hooks.example.com/x",
+        canary_try_timeout=0.75,
     )
     assert cfg.metrics == Metrics((0.001, 0.1, 1.0, 10.0))
     assert cfg.access_log == AccessLog(True, "/tmp/access.log")
@@ -624,6 +627,18 @@ BAD = [
         "rollout.thresholds.max_p99_ratio: must be > 0, got 0 (line 10)",
     ),
     (
+        BASE + "rollout: {canary: canary, baseline: stable, thresholds: {max_error_rate_ratio: 0.5}}\n",
+        "rollout.thresholds.max_error_rate_ratio: must be >= 1, got 0.5 (line 10)",
+    ),
+    (
+        BASE + "rollout: {canary: canary, baseline: stable, thresholds: {max_median_ratio: fast}}\n",
+        "rollout.thresholds.max_median_ratio: expected a number, got string (line 10)",
+    ),
+    (
+        BASE + "rollout: {canary: canary, baseline: stable, canary_try_timeout: 0s}\n",
+        "rollout.canary_try_timeout: must be > 0, got 0s (line 10)",
+    ),
+    (
         BASE + "rollout: {canary: canary, baseline: stable, thresholds: {max_p99: fast}}\n",
         'rollout.thresholds.max_p99: invalid duration "fast" (use e.g. 500ms, 2s, 1m) (line 10)',
     ),
@@ -900,7 +915,7 @@ def test_summary_of_demo_config() -> None:
             'rollout: canary "canary" vs baseline "stable"',
             "  steps 5% -> 10% -> 25% -> 50%, every 4s over a 10s window, at least 20 requests, confidence 0.99",
             "  errors: 5xx; roll back on: error rate > 5%, error rate > baseline + 2 pts, p99 > 800ms,"
-            " 10 consecutive errors",
+            " p99 > 1.5x baseline, 10 consecutive errors",
         ]
     )
 

@@ -207,14 +207,29 @@ async def test_fast_fail_trips_synchronously_and_publishes_on_the_next_loop_turn
     await h.ctl.stop()
 
 
-async def test_fewer_than_min_requests_never_trips_without_fast_fail(tmp_path: Path) -> None:
+async def test_below_min_requests_a_proven_breach_trips_without_fast_fail(tmp_path: Path) -> None:
+    """min_requests guards passing, not failing: 1 canary request a second, every one a 500."""
     h = Harness(make_config(tmp_path, fast_fail=0))
     await h.ctl.start()
-    # 1 canary request per second at 100% errors: at most 60 in the 60s window, below 100.
-    h.traffic(600, 1, 100, 1.0)
+    seconds = 0
+    while h.phase() != "rolled_back" and seconds < 60:
+        h.traffic(1, 1, 100, 1.0)
+        seconds += 1
+    assert h.phase() == "rolled_back", h.ctl.last_verdict
+    assert seconds <= 5  # 3 failures in 3 requests against a 5% limit is proof at 99%
+    assert h.stats.rollbacks == {"canary": 1}
+    assert h.ctl.state is not None and "error rate 100.0%" in (h.ctl.state.reason or "")
+    await h.ctl.stop()
+
+
+async def test_below_min_requests_a_healthy_canary_never_advances(tmp_path: Path) -> None:
+    h = Harness(make_config(tmp_path, fast_fail=0))
+    await h.ctl.start()
+    # 1 canary request per second, healthy: at most 60 in the 60s window, below 100.
+    h.traffic(600, 1, 100, 0.0)
     assert h.ctl.state is not None and h.ctl.state.phase == "progressing"
     assert h.ctl.last_verdict is not None and h.ctl.last_verdict.kind == "insufficient_data"
-    assert h.ctl.state.step_index == 0  # insufficient data never advances either
+    assert h.ctl.state.step_index == 0  # insufficient data never advances
     assert h.stats.rollbacks == {}
     await h.ctl.stop()
 
@@ -225,6 +240,57 @@ async def test_no_rollback_at_equal_error_rates_over_many_ticks(tmp_path: Path) 
     h.traffic(3_000, 3, 57, 0.01, 0.01)
     assert h.ctl.state is not None and h.ctl.state.phase == "steady"
     assert h.ctl.last_verdict is not None and h.ctl.last_verdict.kind == "healthy"
+    await h.ctl.stop()
+
+
+async def test_evidence_belongs_to_a_version(tmp_path: Path) -> None:
+    """A canary rolled back at 30% errors, then fixed: neither a reset nor a new version is judged on
+    the old errors still in the window (the issue saw both rolled back again within a second)."""
+    h = Harness(make_config(tmp_path, steps=(), fast_fail=0))
+    await h.ctl.start()
+    h.traffic(20, 10, 90, 0.30)
+    assert h.phase() == "rolled_back"
+    h.clock.now += 0.5
+    h.ctl.command("reset")
+    assert h.ctl.state is not None and h.ctl.state.evidence_since == h.clock.now
+    h.traffic(30, 10, 90, 0.0)  # fixed
+    assert h.phase() == "steady", h.ctl.last_verdict
+    assert h.ctl.last_verdict is not None and h.ctl.last_verdict.kind == "healthy"
+    assert h.ctl.last_verdict.figures.canary_errors == 0
+    # The old errors are still in the window (and on /status): only the verdict ignores them.
+    assert h.stats.upstreams["canary"].window.stats(h.clock.now, 60.0).errors > 0
+
+    h.traffic(20, 10, 90, 0.30)
+    assert h.phase() == "rolled_back"
+    h.clock.now += 0.5
+    fresh = h.ctl.reconfigure(make_config(tmp_path, version="v3", steps=(), fast_fail=0))
+    assert fresh is not None and fresh.phase == "steady" and fresh.evidence_since == h.clock.now
+    h.traffic(30, 10, 90, 0.0)
+    assert h.phase() == "steady", h.ctl.last_verdict
+    # A promotion starts the evidence afresh too.
+    h.clock.now += 0.5
+    promoted = h.ctl.command("promote")
+    assert promoted.evidence_since == h.clock.now
+    await h.ctl.stop()
+
+
+async def test_controller_sets_the_canary_try_timeout_and_tracks_its_tries(tmp_path: Path) -> None:
+    h = Harness(make_config(tmp_path, steps=()))
+    await h.ctl.start()
+    h.ctl.evaluate()
+    canary = h.stats.upstreams["canary"]
+    assert canary.track_inflight and canary.try_timeout == 0.0  # no baseline p99 yet: no guess
+    h.traffic(5, 10, 90, 0.0)  # 20 ms everywhere: 10 x p99 is below the 1 s floor
+    assert canary.try_timeout == pytest.approx(1.0)
+    assert h.ctl.canary_try_timeout == pytest.approx(1.0)
+    cfg = make_config(tmp_path, steps=())
+    assert cfg.rollout is not None
+    h.ctl.reconfigure(replace(cfg, rollout=replace(cfg.rollout, canary_try_timeout=0.25)))
+    h.ctl.evaluate()
+    assert canary.try_timeout == pytest.approx(0.25)
+    h.ctl.command("rollback")
+    h.ctl.evaluate()
+    assert not canary.track_inflight  # rolled back: nothing left to judge
     await h.ctl.stop()
 
 

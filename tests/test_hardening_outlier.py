@@ -131,7 +131,8 @@ async def test_ejected_canary_goes_to_the_baseline(
     rollout analysis keeps seeing its errors), and its failed GETs are retried on the baseline."""
     canary, stable = await raw_upstream(resetting), await logging_upstream()
     extra = (
-        "rollout: {canary: canary, baseline: stable, min_requests: 1000, fast_fail: {consecutive_errors: 0}}\n"
+        "rollout: {canary: canary, baseline: stable, fast_fail: {consecutive_errors: 0},\n"
+        "  thresholds: {max_error_rate: null, max_error_rate_increase: null, max_p99_ratio: null}}\n"
         "outlier_detection: {consecutive_failures: 2, base_ejection_time: 60s}\n"
     )
     app = await proxy_factory(config_text(stable.url, canary.url, extra=extra))
@@ -154,7 +155,8 @@ async def test_failures_while_ejected_do_not_eject_again(
     `consecutive_failures` failed requests."""
     canary, stable = await raw_upstream(resetting), await logging_upstream()
     extra = (
-        "rollout: {canary: canary, baseline: stable, min_requests: 1000, fast_fail: {consecutive_errors: 0}}\n"
+        "rollout: {canary: canary, baseline: stable, fast_fail: {consecutive_errors: 0},\n"
+        "  thresholds: {max_error_rate: null, max_error_rate_increase: null, max_p99_ratio: null}}\n"
         "outlier_detection: {consecutive_failures: 2, base_ejection_time: 60s}\n"
         "retries: {attempts: 0}\n"
     )

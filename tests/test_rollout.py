@@ -144,7 +144,13 @@ def test_reconcile() -> None:
     assert reconcile(rolled, STEPS, "v3", 500.0) == initial_state(STEPS, "v3", 500.0)
     # Another upstream as canary, or no saved state, too.
     assert reconcile(rolled, replace(STEPS, canary="other"), "v2", 5.0).phase == "progressing"
-    assert reconcile(None, STEADY, None, 5.0) == initial_state(STEADY, None, 5.0)
+    # (a first start keeps what the windows hold: nothing of another version can be there)
+    assert reconcile(None, STEADY, None, 5.0) == replace(initial_state(STEADY, None, 5.0), evidence_since=0.0)
+    # A new version, a reset and a promotion start the canary's evidence afresh.
+    assert reconcile(rolled, STEPS, "v3", 500.0).evidence_since == 500.0
+    assert on_command(rolled, "reset", STEPS, 600.0)[0].evidence_since == 600.0
+    fresh = initial_state(STEPS, "v2", 0.0)
+    assert on_command(fresh, "promote", STEPS, 700.0)[0].evidence_since == 700.0
     # Fewer steps: clamp; no steps: steady; steps added: progressing from 0.
     at3 = replace(initial_state(STEPS, "v2", 0.0), step_index=3)
     assert reconcile(at3, replace(STEPS, steps=(5, 10)), "v2", 9.0).step_index == 1

@@ -110,3 +110,19 @@ def test_export_and_merge_slices_between_processes() -> None:
     # Too old for the ring slot (it now holds a newer second): dropped.
     leader.merge_slice(108 - 61, 5, 5, {0: 5})
     assert leader.stats(108.5, 60.0).errors == 2
+
+
+def test_trailing_windows_match_stats_and_start_after_since() -> None:
+    w = UpstreamWindow(600)
+    for sec in range(100):
+        for i in range(sec % 7 + 1):
+            w.record(1000 + sec + i / 10, i == 0, 0.001 * (i + 1))
+    lengths = (1.0, 2.0, 4.0, 8.0, 60.0, 600.0)
+    got = w.trailing(1100.0, lengths)
+    assert [g.window for g in got] == list(lengths)
+    for g, length in zip(got, lengths, strict=True):
+        assert g == w.stats(1100.0, length)
+    # Evidence since 1090.5: the second it falls in and everything before are left out.
+    since = w.trailing(1100.0, (60.0,), since=1090.5)[0]
+    assert since == w.stats(1100.0, 60.0, since=1090.5)
+    assert since.requests == sum(sec % 7 + 1 for sec in range(91, 100))

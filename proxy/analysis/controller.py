@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from proxy.analysis.checks import CheckResult, CheckRunner, combine
+from proxy.analysis.evidence import canary_try_timeout, full_windows
 from proxy.analysis.gates import GateRunner
 from proxy.analysis.notify import Notifier
 from proxy.analysis.ports import AlwaysDecide, DeciderGate, FileStore, LocalObservations, Observations, StateStore
@@ -34,7 +35,7 @@ from proxy.analysis.rollout import (
 )
 from proxy.analysis.statefile import state_to_dict
 from proxy.analysis.steps import Analysis, judging, stamp
-from proxy.analysis.verdict import Breach, Verdict, judge
+from proxy.analysis.verdict import Breach, Evidence, Verdict, judge_evidence
 from proxy.analysis.webhook import WebhookSender
 from proxy.config.model import Config, Rollout
 from proxy.stats import Stats
@@ -106,6 +107,11 @@ class RolloutController:
         rollout = self._rollout()
         return rollout.name if rollout is not None else self._name
 
+    @property
+    def rollout(self) -> Rollout | None:
+        """The rollout config this controller runs (None: gone from the config)."""
+        return self._rollout()
+
     def _rollout(self, config: Config | None = None) -> Rollout | None:
         config = self._config if config is None else config
         if self._name is None:
@@ -166,9 +172,10 @@ class RolloutController:
             self._last_verdict = self._last_verdict_at = self.analysis = None  # ours would be stale
             return None  # another process judges (the fleet's leader)
         now = self._clock() if now is None else now
-        canary = self._observations.window(rollout, rollout.canary, now)
-        baseline = self._observations.window(rollout, rollout.baseline, now)
-        verdict = judge(canary, baseline, judging(rollout, state))
+        evidence = self._observations.evidence(rollout, state, now, time.monotonic())
+        self._tune_canary(rollout, state, evidence)
+        verdict = judge_evidence(evidence, judging(rollout, state))
+        canary, baseline = full_windows(evidence)
         if rollout.checks and state.phase not in ("rolled_back", "promoted"):
             verdict = combine(verdict, self._checks.poll(rollout, now))
         self._last_verdict = verdict
@@ -284,6 +291,24 @@ class RolloutController:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _tune_canary(self, rollout: Rollout, state: RolloutState, evidence: Evidence) -> None:
+        """Point the data plane's canary knobs at what the analysis needs: its tries tracked while
+        they are outstanding, and their per-try timeout (from the baseline's latency)."""
+        us = self._stats.upstream(rollout.canary, self._config.metrics.buckets)
+        us.track_inflight = state.phase not in ("rolled_back", "promoted")
+        us.try_timeout = canary_try_timeout(rollout, evidence, self._config.timeouts.response)
+        base = self._stats.upstreams.get(rollout.baseline)
+        if base is not None:
+            base.track_inflight = False
+            base.try_timeout = 0.0
+
+    @property
+    def canary_try_timeout(self) -> float:
+        """The canary's current per-try timeout (0: none), for the workers' sync."""
+        rollout = self._rollout()
+        us = self._stats.upstreams.get(rollout.canary) if rollout is not None else None
+        return us.try_timeout if us is not None else 0.0
 
     def _adopt(self, saved: RolloutState | None, rollout: Rollout, *, notify: bool) -> None:
         """Reconcile `saved` with the config; save; tell on_change when asked."""

@@ -84,6 +84,16 @@ class RolloutManager:
         return self._config
 
     @property
+    def canary_try_timeouts(self) -> dict[str, float]:
+        """Each canary upstream's current per-try timeout (0: none), for the workers' sync."""
+        out: dict[str, float] = {}
+        for c in self.controllers.values():
+            rollout = c.rollout
+            if rollout is not None:
+                out[rollout.canary] = c.canary_try_timeout
+        return out
+
+    @property
     def states(self) -> dict[str, RolloutState]:
         """Every rollout's current state, by name."""
         return {name: c.state for name, c in self.controllers.items() if c.state is not None}

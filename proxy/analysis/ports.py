@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+from proxy.analysis.evidence import gather
 from proxy.analysis.rollout import RolloutEvent, RolloutState, reconcile
 from proxy.analysis.statefile import load_state, save_state
+from proxy.analysis.verdict import Evidence
 from proxy.analysis.window import WindowStats
 from proxy.config.model import Rollout
 from proxy.stats import Stats
@@ -24,6 +26,11 @@ class Observations(Protocol):
 
     def window(self, rollout: Rollout, upstream: str, now: float) -> WindowStats:
         """The merged window of `upstream` for `rollout` at `now`."""
+        ...
+
+    def evidence(self, rollout: Rollout, state: RolloutState, now: float, mono_now: float) -> Evidence:
+        """What one verdict is given: trailing windows of both sides since the canary's evidence
+        started, and the canary's outstanding requests (see `proxy.analysis.evidence.gather`)."""
         ...
 
 
@@ -76,6 +83,10 @@ class LocalObservations:
         if us is None:
             return WindowStats.empty(rollout.window)
         return us.window.stats(now, rollout.window)
+
+    def evidence(self, rollout: Rollout, state: RolloutState, now: float, mono_now: float) -> Evidence:
+        """The local trailing windows and the canary's outstanding tries."""
+        return gather(self.stats, rollout, state, now, mono_now)
 
 
 class AlwaysDecide:

@@ -49,6 +49,9 @@ class RolloutState:
     reason: str | None = None  # the latched rollback reason
     last_verdict: VerdictRecord | None = None
     stalled: bool = False  # no step taken for `progress_deadline`; cleared by the next step
+    # When the canary's evidence starts: a reset, a new version or a promotion starts it afresh,
+    # so what an earlier version did never judges this one.
+    evidence_since: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ class RolloutEvent:
 def initial_state(cfg: Rollout, canary_version: str | None, now: float) -> RolloutState:
     """A fresh rollout: step 0 when there are steps, otherwise steady watching."""
     phase: Phase = "progressing" if cfg.steps else "steady"
-    return RolloutState(phase, cfg.canary, canary_version, 0, now, now)
+    return RolloutState(phase, cfg.canary, canary_version, 0, now, now, evidence_since=now)
 
 
 def reconcile(
@@ -88,7 +91,10 @@ def reconcile(
     on a new release. Otherwise step and latch are kept; the step index is clamped when the steps
     got shorter, and the phase follows steps appearing or disappearing.
     """
-    if saved is None or saved.canary != cfg.canary or saved.canary_version != canary_version:
+    if saved is None:
+        # A first start: what the windows hold (if anything) is this very version's.
+        return replace(initial_state(cfg, canary_version, now), evidence_since=0.0)
+    if saved.canary != cfg.canary or saved.canary_version != canary_version:
         return initial_state(cfg, canary_version, now)
     state = saved
     if state.phase in ("progressing", "paused") and not cfg.steps:
@@ -201,6 +207,7 @@ def _advance(
             changed_at=now,
             last_verdict=record or state.last_verdict,
             stalled=False,
+            evidence_since=now,
         )
         msg = f"canary {cfg.canary} promoted to 100% (from {old:g}%)"
         return new, [RolloutEvent("promoted", now, msg, {"from": old, "to": 100.0, **figures, **extra})]
@@ -271,6 +278,7 @@ def on_command(
             step_index=max(len(cfg.steps) - 1, 0),
             step_started_at=now,
             changed_at=now,
+            evidence_since=now,
         )
         msg = f"canary {cfg.canary} promoted to 100% by operator{why}"
         return new, [RolloutEvent("promoted", now, msg, {"from": old, "to": 100.0})]

@@ -29,6 +29,7 @@ def state_to_dict(state: RolloutState) -> dict[str, Any]:
         "reason": state.reason,
         "last_verdict": None if lv is None else {"kind": lv.kind, "reason": lv.reason, "at": lv.at},
         "stalled": state.stalled,
+        "evidence_since": state.evidence_since,
     }
 
 
@@ -54,6 +55,7 @@ def state_from_dict(data: dict[str, Any]) -> RolloutState:
             reason=None if reason is None else str(reason),
             last_verdict=record,
             stalled=bool(data.get("stalled", False)),
+            evidence_since=float(data.get("evidence_since", 0.0)),
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed state: {exc!r}") from exc

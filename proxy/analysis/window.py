@@ -118,10 +118,14 @@ class UpstreamWindow:
             self._errors[i] += 1
         self._hists[i][bisect_left(LATENCY_BOUNDS, duration)] += 1
 
-    def stats(self, now: float, window: float) -> WindowStats:
-        """Merge the slices whose second lies in (now - window, now]."""
+    def stats(self, now: float, window: float, since: float = -1.0) -> WindowStats:
+        """Merge the slices whose second lies in (now - window, now] and after `since`.
+
+        `since` (a time) starts the evidence afresh: the second it falls in is left out, so nothing
+        recorded before it is counted (at the cost of up to one second of new evidence).
+        """
         window = min(window, float(self.horizon))
-        lo = now - window
+        lo = max(now - window, since)
         requests = errors = 0
         hists: list[list[int]] = []
         for i, stamp in enumerate(self._stamps):
@@ -132,6 +136,36 @@ class UpstreamWindow:
         # Column sums in C: one tuple per bucket across the selected slices.
         counts = tuple(map(sum, zip(*hists, strict=True))) if hists else (0,) * _NBUCKETS
         return WindowStats(requests, errors, counts, window)
+
+    def trailing(self, now: float, lengths: tuple[float, ...], since: float = -1.0) -> list[WindowStats]:
+        """Stats of several trailing windows ending at `now` (lengths ascending), in one pass.
+
+        Each is what `stats(now, length, since)` returns; the slices are merged newest first and a
+        copy is taken at every length, so scanning many windows costs about as much as one.
+        """
+        picked = sorted(
+            ((stamp, i) for i, stamp in enumerate(self._stamps) if since < stamp <= now and self._requests[i]),
+            reverse=True,
+        )
+        out: list[WindowStats] = []
+        requests = errors = 0
+        acc: tuple[int, ...] = (0,) * _NBUCKETS
+        k = 0
+        for length in lengths:
+            window = min(length, float(self.horizon))
+            lo = now - window
+            segment: list[list[int]] = []
+            while k < len(picked) and picked[k][0] > lo:
+                i = picked[k][1]
+                requests += self._requests[i]
+                errors += self._errors[i]
+                segment.append(self._hists[i])
+                k += 1
+            if segment:
+                # Column sums in C: the segment's slices, plus what the shorter windows held.
+                acc = tuple(map(sum, zip(acc, *segment, strict=True)))
+            out.append(WindowStats(requests, errors, acc, window))
+        return out
 
     # -- cross-process merging (`run --workers N`: followers ship completed seconds to the leader) --
 

@@ -477,6 +477,7 @@ class _Parser:
                 "state_file": r.string,
                 "webhook": lambda x: r.convert(x, parse_webhook, raw=True),
                 **keys.readers(),
+                "canary_try_timeout": r.duration,
             },
             required=("canary", "baseline"),
         )
@@ -488,11 +489,14 @@ class _Parser:
     def thresholds(self, v: Value) -> Thresholds | None:
         r = self.r
         fraction = lambda x: r.number(x, 0, 1)  # noqa: E731
+        ratio = lambda x: r.number(x, lo=1)  # noqa: E731  - below 1 a healthy canary would breach
         readers: Readers = {
             "max_error_rate": fraction,
             "max_error_rate_increase": fraction,
             "max_p99": r.duration,
             "max_p99_ratio": lambda x: r.number(x, lo=0, lo_open=True),
+            "max_error_rate_ratio": ratio,
+            "max_median_ratio": ratio,
         }
         return r.record(v, Thresholds, readers, nullable=True)  # `key: null` switches a check off
 

@@ -141,7 +141,9 @@ class Thresholds:
     max_error_rate: float | None = 0.05
     max_error_rate_increase: float | None = 0.02
     max_p99: float | None = None  # seconds
-    max_p99_ratio: float | None = None
+    max_p99_ratio: float | None = 1.5  # tail test against 1.5x the baseline p99's upper bound
+    max_error_rate_ratio: float | None = None  # canary rate vs this x the baseline's
+    max_median_ratio: float | None = None  # Mann-Whitney shift test of the body
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +219,9 @@ class Rollout:
     mode: Literal["enforce", "observe"] = "enforce"
     checks: tuple[Check, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
+    # per-try timeout of the canary's idempotent tries (they then go to the baseline);
+    # None: max(1s, 10x the baseline's p99), once the baseline has a p99
+    canary_try_timeout: float | None = None
 
     def step(self, index: int) -> Step:
         """The step at `index` (clamped); plain weights when `step_specs` was not given."""

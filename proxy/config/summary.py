@@ -103,10 +103,14 @@ def _rollout(r: Rollout) -> list[str]:
         checks.append(f"error rate > {fmt_number(t.max_error_rate * 100)}%")
     if t.max_error_rate_increase is not None:
         checks.append(f"error rate > baseline + {fmt_number(t.max_error_rate_increase * 100)} pts")
+    if t.max_error_rate_ratio is not None:
+        checks.append(f"error rate > {fmt_number(t.max_error_rate_ratio)}x baseline")
     if t.max_p99 is not None:
         checks.append(f"p99 > {fmt_duration(t.max_p99)}")
     if t.max_p99_ratio is not None:
         checks.append(f"p99 > {fmt_number(t.max_p99_ratio)}x baseline")
+    if t.max_median_ratio is not None:
+        checks.append(f"latency > {fmt_number(t.max_median_ratio)}x baseline (Mann-Whitney)")
     if r.fast_fail.consecutive_errors:
         checks.append(f"{r.fast_fail.consecutive_errors} consecutive errors")
     named = f' "{r.name}"' if r.name != "default" else ""

@@ -13,8 +13,10 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from proxy.analysis.evidence import single
 from proxy.analysis.ports import LocalObservations, Mode
 from proxy.analysis.rollout import RolloutEvent, RolloutState, reconcile
+from proxy.analysis.verdict import Evidence
 from proxy.analysis.window import WindowStats
 from proxy.config.model import Rollout
 from proxy.fleet.codec import RemoteState
@@ -70,6 +72,13 @@ class FleetStore:
             merged = self.merger.window(rollout.name, upstream, now)
             return merged if merged is not None else WindowStats.empty(rollout.window)
         return self.local.window(rollout, upstream, now)
+
+    def evidence(self, rollout: Rollout, state: RolloutState, now: float, mono_now: float) -> Evidence:
+        """Deciding: the fleet's merged full windows (one per side: the fleet does not pool the
+        scan of shorter windows nor requests in flight). Otherwise this replica's own evidence."""
+        if self.mode(rollout) == "decide":
+            return single(self.window(rollout, rollout.canary, now), self.window(rollout, rollout.baseline, now))
+        return self.local.evidence(rollout, state, now, mono_now)
 
     # -- DeciderGate --------------------------------------------------------------------------------
 

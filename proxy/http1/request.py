@@ -8,6 +8,7 @@ if TYPE_CHECKING:
     from proxy.compile import Binding, Snapshot
     from proxy.http1.upstream import EndpointPool
     from proxy.mirror import MirrorJob
+    from proxy.stats import UpstreamStats
 
 # Response body framing towards the client.
 F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)
@@ -53,6 +54,9 @@ class Request:
         "t0",
         "target",
         "te",
+        "track",
+        "track_key",
+        "try_timeout",
         "upgrade",
         "version10",
         "via",
@@ -104,3 +108,6 @@ class Request:
         self.max_body: int | None = None
         self.mirror: MirrorJob | None = None  # a copy for the route's mirror, until it is sent
         self.set_cookie: bytes | None = None  # an issued sticky cookie: the Set-Cookie value
+        self.track: UpstreamStats | None = None  # the upstream counting this try as outstanding
+        self.track_key = 0
+        self.try_timeout = 0.0  # this try's response timeout when shorter than timeouts.response

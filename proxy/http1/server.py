@@ -414,7 +414,7 @@ class ClientConnection(asyncio.Protocol):
         if up is not None and req is self.current and up.transport is not None:
             if req.te is not None:
                 self.up_write(up.transport, b"0\r\n\r\n")
-            up.deadline = self.plane.now + self.timeouts.response
+            up.deadline = self.plane.now + (req.try_timeout or self.timeouts.response)
 
     # -- proxying --------------------------------------------------------------------------------
 
@@ -459,7 +459,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.up_write(t, req.head)
         if req.complete:
-            conn.deadline = self.plane.now + self.timeouts.response
+            conn.deadline = self.plane.now + (req.try_timeout or self.timeouts.response)
         else:
             conn.deadline = 0.0
         self.resume_reading_for(P_CONNECT)
