@@ -150,7 +150,7 @@ def test_reconcile() -> None:
     assert reconcile(rolled, STEPS, "v3", 500.0).evidence_since == 500.0
     assert on_command(rolled, "reset", STEPS, 600.0)[0].evidence_since == 600.0
     fresh = initial_state(STEPS, "v2", 0.0)
-    assert on_command(fresh, "promote", STEPS, 700.0)[0].evidence_since == 700.0
+    assert on_command(fresh, "promote", STEPS, 700.0, full=True)[0].evidence_since == 700.0
     # Fewer steps: clamp; no steps: steady; steps added: progressing from 0.
     at3 = replace(initial_state(STEPS, "v2", 0.0), step_index=3)
     assert reconcile(at3, replace(STEPS, steps=(5, 10)), "v2", 9.0).step_index == 1
