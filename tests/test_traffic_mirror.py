@@ -115,17 +115,6 @@ async def resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     writer.transport.abort()
 
 
-async def timed_gets(base: str, n: int) -> list[float]:
-    out: list[float] = []
-    async with httpx.AsyncClient(base_url=base) as client:
-        for _ in range(n):
-            t = time.perf_counter()
-            r = await client.post("/x", content=b"p" * 2000)
-            out.append(time.perf_counter() - t)
-            assert r.status_code == 200 and r.text.startswith("stable POST /x 2000")
-    return out
-
-
 async def test_hanging_or_resetting_mirror_costs_the_user_nothing(
     proxy_factory: ProxyFactory,
     upstream_factory: UpstreamFactory,
@@ -145,28 +134,26 @@ async def test_hanging_or_resetting_mirror_costs_the_user_nothing(
     )
     app = await proxy_factory(text)
     base = f"http://127.0.0.1:{plane_of(app).bound_port}"
-    baseline = await timed_gets(base, 150)
-
-    async def with_header(value: str) -> list[float]:
-        out: list[float] = []
-        async with httpx.AsyncClient(base_url=base, headers={"x-m": value}) as client:
-            for _ in range(150):
+    times: dict[str, list[float]] = {"none": [], "hang": [], "reset": []}
+    async with httpx.AsyncClient(base_url=base) as client:
+        # Interleaved, so that whatever else the machine does hits the three kinds alike.
+        for i in range(150):
+            kinds = ["none", "hang", "reset"]
+            for kind in kinds[i % 3 :] + kinds[: i % 3]:
+                headers = {"x-m": kind} if kind != "none" else {}
                 t = time.perf_counter()
-                r = await client.post("/x", content=b"p" * 2000)
-                out.append(time.perf_counter() - t)
+                r = await client.post("/x", content=b"p" * 2000, headers=headers)
+                times[kind].append(time.perf_counter() - t)
                 assert r.status_code == 200 and r.text.startswith("stable POST /x 2000")
-        return out
-
-    hung = await with_header("hang")
     assert hang.accepted > 0
-    resets = await with_header("reset")
     await wait_until(lambda: app.stats.mirrors[("reset", "other")].by_class[6] >= 150, what="150 reset mirrors")
     med = statistics.median
+    baseline, hung, resets = times["none"], times["hang"], times["reset"]
     print(f"median ms: no mirror {med(baseline) * 1e3:.2f}, hung {med(hung) * 1e3:.2f}, reset {med(resets) * 1e3:.2f}")
     # Noise, not an SLA: a mirror that cost the user a round trip would be far above this.
     assert med(hung) < med(baseline) * 3 + 0.005
     assert med(resets) < med(baseline) * 3 + 0.005
-    assert max(hung) < 1.0  # nobody waited for the hung mirror
+    assert max(hung) < 5.0  # nobody waited for the hung mirror (it never answers; the timeout is 30 s)
     assert plane_of(app).mirrors.pending <= plane_of(app).mirrors.max_in_flight
 
 
