@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup native system-deps demo test lint bench bench-quick bench-fleet rollback-time clean
+.PHONY: setup native system-deps redbot demo test lint bench bench-quick bench-fleet rollback-time clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(VENV)/.installed: pyproject.toml
 
 # Python environment: .venv with the package (editable) and the dev tools, hot path compiled.
 setup: $(VENV)/.installed native
+
+# REDbot (the HTTP linter, tests/test_redbot.py) in a venv of its own: one of its dependencies
+# installs a top-level `tests` package, which must not shadow ours.
+redbot: $(VENV)/redbot/bin/redbot
+$(VENV)/redbot/bin/redbot:
+	$(PY) -m venv $(VENV)/redbot
+	$(VENV)/redbot/bin/python -m pip install -q 'redbot>=2.7' || echo "warning: redbot not installed; tests/test_redbot.py will skip"
 
 # Compile the hot path with mypyc when its sources changed since the last build (about 20 s).
 # Without a C compiler this only warns: the same code then runs as pure Python, slower.
@@ -35,7 +42,7 @@ lint: setup
 # The whole test suite (what CI runs).
 # With a C compiler the compiled hot path is required (tests/test_native.py checks it), and the
 # data-plane tests run a second time on the pure-Python fallback.
-test: system-deps setup lint
+test: system-deps setup redbot lint
 	CANARY_PROXY_REQUIRE_NATIVE=$$(command -v gcc >/dev/null && echo 1) $(VENV)/bin/pytest -q -p no:cacheprovider
 	CANARY_PROXY_PURE=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_http_*.py tests/test_hardening_smuggling.py \
 		tests/test_hardening_headers.py tests/test_hardening_limits.py tests/test_hardening_upstreams.py tests/test_native.py

@@ -112,7 +112,8 @@ class ProxyApp:
         if self.watch and self.config.source_path:
             self.watcher = ConfigWatcher(self.config.source_path, self.reload, known=self.config.source_hash)
             self.watcher.start()
-        log.info(
+        log.log(
+            logging.DEBUG if follower else logging.INFO,  # `--workers N`: the leader says it once
             "canary-proxy %s listening on %s:%d (admin %s), config %s hash %s, hot path %s",
             __version__,
             self.config.listen.host,
@@ -122,6 +123,10 @@ class ProxyApp:
             self.config.source_hash,
             native.state(),
         )
+        if follower:
+            assert role is not None
+            listen = self.config.listen
+            log.info("worker %d/%d ready on %s:%d", role.index, role.count, listen.host, self.plane.bound_port)
         tuning.tune_malloc()
         tuning.freeze_loaded_objects()
 
@@ -251,7 +256,9 @@ class ProxyApp:
             self.plane.swap(snapshot)  # also retires the pools of removed endpoints
             self._arm_follower_fast_fail()  # a follower picks up a changed fast_fail setting
             self.stats.reloads["success"] += 1
-            log.info("config reloaded (%s): hash %s", reason, new.source_hash)
+            # With `--workers N` every worker reloads; only the leader (or a lone process) says so.
+            quiet = self.role is not None and not self.role.leader
+            log.log(logging.DEBUG if quiet else logging.INFO, "config reloaded (%s): hash %s", reason, new.source_hash)
             if self.controller is not None:
                 self.controller.record_event(
                     "reload", f"config {new.source_hash} loaded ({reason})", {"hash": new.source_hash}

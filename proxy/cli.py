@@ -21,6 +21,12 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Rollout events are JSON already: one JSON object per line, not JSON inside a text line.
+    events = logging.StreamHandler(sys.stderr)
+    events.setFormatter(logging.Formatter("%(message)s"))
+    rollout_log = logging.getLogger("canary_proxy.rollout")
+    rollout_log.addHandler(events)
+    rollout_log.propagate = False
 
 
 def install_uvloop() -> None:

@@ -7,7 +7,6 @@ rollout's effective weights, bound statistics objects, the error-status table.
 from __future__ import annotations
 
 import ipaddress
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from proxy.analysis.verdict import error_status_table
 from proxy.config.model import Config, CookieIssue, Match, Route, StringMatch
 from proxy.mirror import MirrorRule
 from proxy.router import Predicate, RequestView, RouteRule, SplitTable
+from proxy.saferegex import compile_fullmatch
 from proxy.stats import RouteCounts, Stats, UpstreamStats
 
 if TYPE_CHECKING:
@@ -237,8 +237,8 @@ def _value_test(m: StringMatch) -> ValueTest:
     elif m.kind == "contains":
         test = lambda v: v is not None and raw in v  # noqa: E731
     else:
-        rx = re.compile(raw)
-        test = lambda v: v is not None and rx.fullmatch(v) is not None  # noqa: E731
+        rx = compile_fullmatch(str(m.value))  # RE2: linear time whatever the input
+        test = lambda v: v is not None and rx(v)  # noqa: E731
     if m.invert:
         inner = test
         # A missing value never matches, inverted or not (Envoy's behaviour).
@@ -260,7 +260,7 @@ def _compile_match(match: Match, needed: set[bytes]) -> Predicate:
         parts.append(_query_pred(name.encode("utf-8"), _value_test(m)))
     if match.path_prefix is not None:
         prefix = match.path_prefix.encode("utf-8")
-        parts.append(lambda v: v.path.startswith(prefix))
+        parts.append(lambda v: v.normalized_path().startswith(prefix))  # `/beta/../x` is not under /beta
     if match.methods:
         methods = frozenset(m.encode("ascii") for m in match.methods)
         parts.append(lambda v: v.method in methods)

@@ -58,6 +58,10 @@ class DataPlane(DataPlaneLike):
         self._last_id = 0
         self._flushes: list[ClientConnection] = []  # deferred writes, see ClientConnection.flush_later
         self._id_prefix = os.urandom(4).hex().encode() + b"-"
+        # Via: our pseudonym (b"": Via off) and the lines we add.
+        self.via = H.VIA_TOKEN
+        self.via_line = H.via_line(self.via)
+        self.via_line10 = H.via_line(self.via, True)
         self._sweeper: asyncio.Task[None] | None = None
         # time.time() - time.monotonic(), refreshed by the sweeper: wall-clock stamps for the
         # analysis windows without a second clock read per request.
@@ -89,8 +93,25 @@ class DataPlane(DataPlaneLike):
     def swap(self, snapshot: Snapshot) -> None:
         """Make `snapshot` current. In-flight requests keep the one they started with."""
         self.snapshot = snapshot
+        self._set_via(snapshot.config.via)
         keys = {ep.key for up in snapshot.config.upstreams.values() for ep in up.endpoints}
         self.pools.retain(keys)
+
+    def _set_via(self, configured: str | None) -> None:
+        """`via:` unset: `canary-proxy`; "": no Via at all (and no loop detection)."""
+        token = H.VIA_TOKEN if configured is None else configured.encode("ascii")
+        self.via = token
+        self.via_line = H.via_line(token)
+        self.via_line10 = H.via_line(token, True)
+
+    def via_line_for(self, version10: bool) -> bytes:
+        """The Via line for a message of this version (b"" when Via is off)."""
+        return self.via_line10 if version10 else self.via_line
+
+    def new_request_id(self) -> bytes:
+        """An X-Request-Id for a request that came without one."""
+        self._last_id += 1
+        return self._id_prefix + b"%x" % self._last_id
 
     async def drain(self, grace: float) -> bool:
         """Stop accepting, let in-flight requests finish (up to `grace` s); True if all finished."""
@@ -178,7 +199,9 @@ class DataPlane(DataPlaneLike):
         if tokens:
             lines = H.without_named(lines, tokens, H.REQUEST_KEEP)
             if req.upgrade is not None and b"upgrade" in tokens:
-                upgrade = b"Connection: upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"
+                protocols = H.without_h2c(req.upgrade)
+                if protocols:
+                    upgrade = b"Connection: upgrade\r\nUpgrade: " + protocols + b"\r\n"
         if not upgrade:
             req.upgrade = None
         if req.host is None and req.binding is not None and req.binding.upstream.balancer.pools:
@@ -196,6 +219,8 @@ class DataPlane(DataPlaneLike):
             req.reqid = self._id_prefix + b"%x" % self._last_id
         if req.te is not None:
             framing = b"Transfer-Encoding: chunked\r\n"
+            if req.trailer is not None:  # its trailers are relayed: the upstream leg is chunked too
+                framing += b"Trailer: " + req.trailer + b"\r\n"
         elif req.clen >= 0:
             framing = b"Content-Length: %d\r\n" % req.clen
         else:
@@ -216,7 +241,7 @@ class DataPlane(DataPlaneLike):
                 proto,
                 b"\r\n",
                 b"X-Forwarded-Host: " + fhost + b"\r\n" if fhost else b"",
-                b"Via: 1.0 canary-proxy\r\n" if req.version10 else H.VIA_LINE,
+                self.via_line10 if req.version10 else self.via_line,
                 b"X-Request-Id: ",
                 req.reqid,
                 b"\r\n\r\n",
@@ -371,8 +396,9 @@ class DataPlane(DataPlaneLike):
         self._send(req, client, pool, fresh)
         return True
 
-    def finish(self, req: Request, aborted: bool) -> None:
-        """Record a finished exchange (response written, or the client gone)."""
+    def finish(self, req: Request, aborted: bool, log: bool = True) -> None:
+        """Record a finished exchange (response written, or the client gone). `log=False`: the
+        access log line comes later (a tunnel's, when it ends: see log_access)."""
         stats = self.stats
         stats.in_flight -= 1
         if req.mirror is not None:
@@ -397,8 +423,15 @@ class DataPlane(DataPlaneLike):
         elif status:
             req.snapshot.unmatched.by_class[status // 100] += 1
         log_ = self.access_log
-        if log_ is not None:
+        if log_ is not None and log:
             log_.record(req, now, binding.upstream.name if binding is not None else "")
+
+    def log_access(self, req: Request) -> None:
+        """Write `req`'s access log line now (a tunnel that ended: its bytes are known)."""
+        log_ = self.access_log
+        if log_ is not None:
+            binding = req.binding
+            log_.record(req, monotonic(), binding.upstream.name if binding is not None else "")
 
     def upstream_timeout(self, conn: UpstreamConnection) -> None:
         client = conn.client

@@ -27,6 +27,7 @@ from types import ModuleType
 
 # The per-request path: parsing, routing, dispatch, recording. Only these are compiled.
 MODULES = (
+    "proxy.http1.buffers",
     "proxy.http1.headers",
     "proxy.http1.request",
     "proxy.http1.server",

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 from urllib.parse import parse_qsl
 
+from proxy.pathnorm import normalize_path
+
 BUCKETS = 10_000
 T = TypeVar("T")
 # Issued sticky ids: base64url, 128 random bits (22 characters). A cookie value outside these bounds
@@ -52,7 +54,9 @@ class RequestView:
     (lower-cased); repeated headers are joined with ", " as Envoy does. `host` is the raw Host (or
     :authority). After :func:`select`, `issued` holds the sticky id it issued for this request, if any."""
 
-    __slots__ = ("_cookies", "_host", "_query", "headers", "host", "issued", "method", "path", "query_string")
+    __slots__ = (
+        "_cookies", "_host", "_norm", "_query", "headers", "host", "issued", "method", "path", "query_string",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -71,6 +75,7 @@ class RequestView:
         self._cookies: dict[bytes, bytes] | None = None
         self._query: dict[bytes, bytes] | None = None
         self._host: bytes | None = None
+        self._norm: bytes | None = None
 
     def vhost(self) -> bytes | None:
         """The normalised host (see :func:`normalise_host`), computed once."""
@@ -78,6 +83,13 @@ class RequestView:
         if h is None:
             h = self._host = normalise_host(self.host) or b""
         return h or None
+
+    def normalized_path(self) -> bytes:
+        """The path as `path_prefix` sees it (see proxy.pathnorm), computed once."""
+        norm = self._norm
+        if norm is None:
+            norm = self._norm = normalize_path(self.path)
+        return norm
 
     def cookie(self, name: bytes) -> bytes | None:
         """The first cookie called `name`, parsed lazily from the Cookie header."""

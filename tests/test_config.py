@@ -315,7 +315,7 @@ BAD = [
         'lisen: unknown key; did you mean "listen"? (allowed: listen, admin, upstreams, routes, '
         "timeouts, limits, rollout, metrics, access_log, retries, outlier_detection, trusted_proxies,"
         " admin_token, "
-        "admin_token_file, shutdown_grace, rollouts, fleet) (line 10)",
+        "admin_token_file, shutdown_grace, rollouts, fleet, via) (line 10)",
     ),
     (
         BASE + "timeouts: {conect: 1s}\n",
@@ -479,8 +479,8 @@ BAD = [
     ),
     (
         HEAD + "  - name: a\n    match: {headers: {x: {regex: '(a'}}}\n    to: stable\n",
-        'routes[0].match.headers.x.regex: invalid regex "(a": missing ), unterminated subpattern at'
-        " position 0 (line 9)",
+        'routes[0].match.headers.x.regex: invalid regex "(a": missing ): (a (regexes use RE2 syntax: no'
+        " backreferences or lookaround) (line 9)",
     ),
     (
         HEAD + "  - name: a\n    match: {headers: {x: {exact: a, prefix: b}}}\n    to: stable\n",
@@ -698,7 +698,7 @@ bogus: 1
         'timeouts.connect: invalid duration "2x" (use e.g. 500ms, 2s, 1m) (line 15)',
         "bogus: unknown key (allowed: listen, admin, upstreams, routes, timeouts, limits, rollout, metrics, "
         "access_log, retries, outlier_detection, trusted_proxies, admin_token, admin_token_file, "
-        "shutdown_grace, rollouts, fleet) (line 16)",
+        "shutdown_grace, rollouts, fleet, via) (line 16)",
     ]
 
 

@@ -50,6 +50,11 @@ class Switch:
         return web.Response(text="canary ok\n", headers={"X-Upstream": "canary"})
 
 
+def _worker_up(line: str) -> bool:
+    """A worker's start line: the leader's "listening on", a follower's "ready on"."""
+    return "listening on" in line or "ready on" in line
+
+
 async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, every: float = 0.05) -> Any:
     """Poll `check` until it returns something truthy; fail with `what` (and the last value) after
     `timeout` seconds."""
@@ -575,7 +580,7 @@ async def test_workers_share_metrics_and_follow_a_rollback(
     extra = rollout_yaml(tmp_path / "state.json", window="60s", min_requests=100, fast_fail=0)
     pp = proxy_process(config_text(stable.url, canary.url, extra, routes=routes), args=("--workers", "2"))
     try:
-        await wait_for(lambda: _true(sum("listening on" in line for line in list(pp.lines)) >= 2), 15, "both workers")
+        await wait_for(lambda: _true(sum(_worker_up(line) for line in list(pp.lines)) >= 2), 15, "both workers")
         # New connections each: SO_REUSEPORT spreads them over both workers.
         results = await burst(pp.port, 200, close=True)
         assert all(code == 200 for code, _, _ in results)
@@ -615,7 +620,7 @@ async def test_workers_reset_starts_the_fast_fail_count_afresh(
     pp = proxy_process(config_text(stable.url, canary.url, extra), args=("--workers", "2"))
     canary_hdr = {"x-canary": "always"}
     try:
-        await wait_for(lambda: _true(sum("listening on" in line for line in list(pp.lines)) >= 2), 15, "both workers")
+        await wait_for(lambda: _true(sum(_worker_up(line) for line in list(pp.lines)) >= 2), 15, "both workers")
         # Failing requests on new connections until the fast-fail rollback: both workers count far
         # more than 20 errors in a row before the rollback reaches them.
         await burst(pp.port, 100, canary_hdr, close=True)

@@ -54,6 +54,7 @@ from proxy.config.units import (
     same_socket,
 )
 from proxy.config.yamlnodes import Errors, Reader, Readers, Value, compose, root_value
+from proxy.saferegex import RegexError, compile_fullmatch
 
 T = TypeVar("T")
 TOKEN_ENV = "CANARY_PROXY_ADMIN_TOKEN"
@@ -61,7 +62,7 @@ DEFAULT_ADMIN = Address("127.0.0.1", 9901)
 TOP_KEYS = (
     "listen", "admin", "upstreams", "routes", "timeouts", "limits", "rollout", "metrics", "access_log",
     "retries", "outlier_detection", "trusted_proxies", "admin_token", "admin_token_file", "shutdown_grace",
-    "rollouts", "fleet",
+    "rollouts", "fleet", "via",
 )  # fmt: skip
 ROUTE_KEYS = ("name", "match", "to", "split", "sticky", "max_body_size", "mirror")
 MATCH_KEYS = ("headers", "cookies", "query", "path_prefix", "methods", "host")
@@ -169,7 +170,20 @@ class _Parser:
             admin_token=self.admin_token(top.get("admin_token"), top.get("admin_token_file")),
             shutdown_grace=self.opt(top.get("shutdown_grace"), 20.0, self.grace),
             fleet=read_fleet(r, top["fleet"]) if "fleet" in top else None,
+            via=self.via(top["via"]) if "via" in top else None,
         )
+
+    def via(self, v: Value) -> str | None:
+        """The Via pseudonym: a token (RFC 9110 7.6.3), or "" to send no Via."""
+        text = self.r.text(v)
+        if text is None:
+            return None
+        if text.lower() in ("false", "off"):
+            return ""  # `via: false` reads as "no Via" too
+        if text and not _TOKEN.fullmatch(text):
+            self.r.error(v, f'invalid Via pseudonym "{text}": use letters, digits and -._~ ("" turns Via off)')
+            return None
+        return text
 
     @staticmethod
     def opt(v: Value | None, default: T, read: Callable[[Value], T | None]) -> T:
@@ -364,8 +378,8 @@ class _Parser:
         value = r.boolean(m[kind]) if kind == "present" else r.text(m[kind])
         if isinstance(value, str) and kind == "regex":
             try:
-                re.compile(value.encode("utf-8"))  # proxy.compile matches raw bytes
-            except re.error as e:
+                compile_fullmatch(value)  # RE2, as proxy.compile will: linear time or refused
+            except RegexError as e:
                 r.error(m[kind], f'invalid regex "{value}": {e}')
                 return None
         if value is None or invert is None:

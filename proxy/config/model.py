@@ -285,6 +285,7 @@ class Config:
     admin_token: str | None = None  # resolved value (from admin_token_file / env / inline)
     shutdown_grace: float = 20.0
     fleet: Fleet | None = None  # None: no Redis anywhere
+    via: str | None = None  # Via pseudonym; None: `canary-proxy`, "": no Via
     source_hash: str = ""  # sha256 of the file bytes, first 12 hex digits
     source_path: str = ""
     rollouts: tuple[Rollout, ...] = ()  # every rollout, by name; `rollout` is the first one

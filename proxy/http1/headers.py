@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import time
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final
 
-VIA_TOKEN: Final = b"canary-proxy"
+VIA_TOKEN: Final = b"canary-proxy"  # the default pseudonym (config `via:`)
 VIA_LINE: Final = b"Via: 1.1 canary-proxy\r\n"
 
 # Request header names the client leg treats specially (lower-cased) -> kind code.
@@ -22,13 +25,14 @@ H_VIA: Final = 9
 H_REQID: Final = 10
 H_EXPECT: Final = 11
 H_UPGRADE: Final = 12
+H_TRAILER: Final = 14  # forwarded only when the body is chunked on both legs (trailers relayed)
 
 REQUEST_SPECIAL: Final[dict[bytes, int]] = {
     b"connection": H_CONNECTION,
     b"keep-alive": H_HOP,
     b"proxy-connection": H_HOP,
     b"te": H_HOP,
-    b"trailer": H_HOP,
+    b"trailer": H_TRAILER,
     b"proxy-authorization": H_HOP,
     b"proxy-authenticate": H_HOP,
     b"transfer-encoding": H_TE,
@@ -41,6 +45,7 @@ REQUEST_SPECIAL: Final[dict[bytes, int]] = {
     b"x-request-id": H_REQID,
     b"expect": H_EXPECT,
     b"upgrade": H_UPGRADE,
+    b"http2-settings": H_HOP,  # only meaningful with `Upgrade: h2c`, which we never forward
 }
 
 # `Transfer_Encoding`, `X_Forwarded_For`, ...: CGI-style servers (WSGI, PHP) map `_` and `-` alike, so
@@ -66,13 +71,14 @@ R_TE: Final = 3
 R_CL: Final = 4
 R_UPGRADE: Final = 5
 R_REQID: Final = 6
+R_TRAILER: Final = 7
 
 RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     b"connection": R_CONNECTION,
     b"keep-alive": R_HOP,
     b"proxy-connection": R_HOP,
     b"te": R_HOP,
-    b"trailer": R_HOP,
+    b"trailer": R_TRAILER,
     b"proxy-authenticate": R_HOP,
     b"proxy-authorization": R_HOP,
     b"transfer-encoding": R_TE,
@@ -127,6 +133,25 @@ REQUEST_KEEP: Final = CONNECTION_OPTIONS | PROTECTED
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
+# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [":" port]; an IP literal in brackets or a reg-name
+# (unreserved, pct-encoded, sub-delims). Userinfo (`@`), paths and spaces are refused.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+
+
+def valid_host(host: bytes) -> bool:
+    """Whether a Host header value is `uri-host [":" port]`."""
+    return _HOST.fullmatch(host) is not None
+
+
+def without_h2c(upgrade: bytes) -> bytes:
+    """The Upgrade value without `h2c` (HTTP/2 over cleartext needs the proxy itself to speak
+    HTTP/2; forwarding it would let the upstream switch protocols under us). b"": nothing left."""
+    if b"h2c" not in upgrade.lower():
+        return upgrade
+    kept = [p.strip() for p in upgrade.split(b",") if p.strip() and p.strip().lower() != b"h2c"]
+    return b", ".join(kept)
+
+
 def connection_tokens(value: bytes) -> list[bytes]:
     """Lower-cased tokens of a Connection header value."""
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
@@ -143,30 +168,52 @@ def without_named(lines: list[bytes], tokens: list[bytes] | None, keep: frozense
     return [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in drop]
 
 
-def _error_response(status: int, close: bool, extra: bytes = b"") -> bytes:
+_date: list[object] = [0, b""]
+
+
+def http_date() -> bytes:
+    """`Date` value for now (RFC 9110 5.6.7), formatted once per second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0] = now
+        _date[1] = formatdate(now, usegmt=True).encode("ascii")
+    value = _date[1]
+    assert isinstance(value, bytes)
+    return value
+
+
+def via_line(pseudonym: bytes, version10: bool = False) -> bytes:
+    """The `Via` line we add (empty when Via is switched off)."""
+    if not pseudonym:
+        return b""
+    return b"Via: %s %s\r\n" % (b"1.0" if version10 else b"1.1", pseudonym)
+
+
+def error_response(
+    status: int, close: bool = True, request_id: bytes | None = None, via: bytes = VIA_LINE, head_only: bool = False
+) -> bytes:
+    """A small plain-text response for errors the proxy itself answers: with `Date`, our `Via`
+    line (`via`) and the request's `X-Request-Id`, so an operator can find its log line."""
     phrase = HTTPStatus(status).phrase.encode()
     body = b"%d %s\n" % (status, phrase)
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%s%s%s\r\n%s"
-        % (status, phrase, len(body), VIA_LINE, extra, b"Connection: close\r\n" if close else b"", body)
+    head = b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            % (status, phrase, http_date(), len(body)),
+            via,
+            b"X-Request-Id: " + request_id + b"\r\n" if request_id is not None else b"",
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+        ]
     )
+    return head if head_only else head + body
 
 
-_CANNED: Final[dict[tuple[int, bool], bytes]] = {}
-
-
-def error_response(status: int, close: bool = True, request_id: bytes | None = None) -> bytes:
-    """A small plain-text response for errors the proxy itself answers."""
-    if request_id is not None:
-        return _error_response(status, close, b"X-Request-Id: " + request_id + b"\r\n")
-    key = (status, close)
-    resp = _CANNED.get(key)
-    if resp is None:
-        resp = _CANNED[key] = _error_response(status, close)
-    return resp
+def error_body_size(status: int) -> int:
+    """Length of the body :func:`error_response` sends for `status` (for the access log)."""
+    return len(b"%d %s\n" % (status, HTTPStatus(status).phrase.encode()))
 
 
 def head_error_response(status: int, close: bool = True) -> bytes:
     """The error response without its body (for HEAD requests)."""
-    full = error_response(status, close)
-    return full[: full.index(b"\r\n\r\n") + 4]
+    return error_response(status, close, head_only=True)

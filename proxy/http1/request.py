@@ -26,6 +26,7 @@ class Request:
         "clen",
         "complete",
         "conn_tokens",
+        "discard",
         "error",
         "expect",
         "failed",
@@ -56,10 +57,13 @@ class Request:
         "te",
         "track",
         "track_key",
+        "trailer",
+        "trailers",
         "try_timeout",
         "upgrade",
         "version10",
         "via",
+        "wants_upgrade",
         "xff",
         "xfhost",
         "xfproto",
@@ -83,7 +87,11 @@ class Request:
         self.via: bytes | None = None
         self.reqid: bytes | None = None
         self.expect = False
-        self.upgrade: bytes | None = None
+        self.upgrade: bytes | None = None  # what we forward (h2c removed); None: a plain request
+        self.wants_upgrade = False  # the client sent an Upgrade header
+        self.trailer: bytes | None = None  # the `Trailer` header (forwarded only with a chunked body)
+        self.trailers: list[bytes] | None = None  # trailer lines after a chunked body
+        self.discard = False  # answered before its body arrived: the rest is read and dropped
         self.te: bytes | None = None
         self.clen = -1
         self.rhdrs: dict[bytes, bytes] = {}

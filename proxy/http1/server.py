@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from proxy.http1 import headers as H
+from proxy.http1.buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
 from proxy.http1.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Request
 from proxy.stats import KIND_PROTOCOL, KIND_RESET
 
@@ -37,6 +38,9 @@ D_NONE, D_HEADER, D_IDLE, D_BODY, D_LINGER = range(5)
 BATCH_BELOW = 16384
 # After an error response: how long we keep reading (and discarding) before the final close.
 LINGER = 2.0
+# A response that ends before its request body has fully arrived keeps the client connection (the
+# rest of the body is read and dropped, like nginx's discarded body) when at most this much is left.
+DISCARD_MAX = 1 << 20
 
 
 class Reject(Exception):
@@ -46,7 +50,7 @@ class Reject(Exception):
         self.status = status
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(asyncio.BufferedProtocol):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
         self.timeouts: Timeouts = plane.snapshot.config.timeouts
@@ -85,17 +89,25 @@ class ClientConnection(asyncio.Protocol):
         # Bytes of reads that made no parsing progress (the parser buffers an unfinished header
         # name/value itself and reports it only once complete): bounded by max_header_size.
         self.quiet = 0
+        # Upgrade requests: llhttp (as httptools drives it) skips the body of a request carrying
+        # Upgrade and hands every later byte over as "upgrade data". We frame such a body ourselves
+        # so it streams at once (an upstream may ignore the upgrade, RFC 9110 7.8).
+        self.upgrading: Request | None = None  # the request llhttp is about to report as an upgrade
+        self.ubody_left = 0  # Content-Length bytes still due; -1: chunked (see `ubody_parser`)
+        self.ubody_parser: httptools.HttpRequestParser | None = None
+        self.tunnel_req: Request | None = None  # a 101's request: logged when the tunnel ends
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # bounded memory per slow reader
         plane = self.plane
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0] if peer else "unknown").encode()
         plane.clients.add(self)
         if len(plane.clients) > plane.snapshot.config.limits.max_connections or plane.draining:
-            transport.write(H.error_response(503))
+            transport.write(H.error_response(503, True, plane.new_request_id(), plane.via_line))
             self.close()
             return
         self.deadline = plane.loop_time() + self.timeouts.client_header
@@ -104,6 +116,10 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.plane.clients.discard(self)
+        self.plane.tunnels.discard(self)
+        if self.tunnel_req is not None:
+            treq, self.tunnel_req = self.tunnel_req, None
+            self.plane.log_access(treq)
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
@@ -138,6 +154,15 @@ class ClientConnection(asyncio.Protocol):
             if up.started and not up.tunnel:
                 up.deadline = self.plane.loop_time() + self.timeouts.response
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Read at most what the upstream's write buffer still has room for (see read_view)."""
+        up = self.upstream or self.tunnel
+        t = up.transport if up is not None else None
+        return read_view(t.get_write_buffer_size() if t is not None else 0)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(READ_VIEW[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             t = self.tunnel.transport
@@ -158,14 +183,21 @@ class ClientConnection(asyncio.Protocol):
         # Upstream-bound bytes are collected while this read is parsed and written after it, so
         # that nothing of a read that turns out malformed is forwarded (and writes are batched).
         self.feeding = True
+        size = len(data)
+        read = data
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self.dead = True
-            self.pause_reading_for(P_TUNNEL)
-            rest = data[exc.args[0] :] if exc.args else b""
-            if rest:
-                self.early.append(rest)
+            while data:
+                if self.ubody_left:
+                    data = self._feed_upgrade_body(data)
+                    continue
+                try:
+                    self.parser.feed_data(data)
+                    data = b""
+                except httptools.HttpParserUpgrade as exc:
+                    data = self._upgraded(data[exc.args[0] :] if exc.args else b"")
+        except Reject as exc:
+            self._drop_pending()
+            self.bad_request(exc.status)
         except httptools.HttpParserCallbackError as exc:
             self._drop_pending()
             cause = exc.__cause__ or exc.__context__  # httptools chains the callback's exception implicitly
@@ -180,18 +212,84 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self.feeding = False
         if self.ubuf:
-            if len(data) < BATCH_BELOW:
+            if size < BATCH_BELOW:
                 self.flush_upstream_later()
             else:
                 self.flush_upstream()
         req = self.req
         if req is None or self.dead or req.nheaders + req.body_bytes + len(req.target) != mark:
             self.quiet = 0  # progress (or nothing left to parse)
+            if req is not None and not req.t0 and not req.nheaders and not self.dead and req.target:
+                self._check_http09(req.target, read)
         else:
-            self.quiet += len(data)
+            self.quiet += size
             if self.quiet > req.snapshot.config.limits.max_header_size:
                 self._drop_pending()
                 self.bad_request(400 if req.t0 else 431)  # an endless header, trailer or chunk line
+
+    def _check_http09(self, target: bytes, read: bytes) -> None:
+        """A request line that ended without a version is HTTP/0.9, which llhttp would take and
+        then wait on for headers until the header timeout: refuse it at once (nginx: 400)."""
+        if self.parser.get_http_version() != "0.0":
+            return
+        tail = target[-64:]
+        at = read.rfind(tail)
+        if at >= 0 and read[at + len(tail) : at + len(tail) + 1] in (b"\r", b"\n"):
+            self._drop_pending()
+            self.bad_request(400)
+
+    def _upgraded(self, rest: bytes) -> bytes:
+        """llhttp reported an Upgrade request as complete; `rest` is what followed its head.
+        Returns the bytes still to be parsed as HTTP (with a fresh parser)."""
+        req, self.upgrading = self.upgrading, None
+        if self.ubody_left:
+            return rest  # its body comes first (see _feed_upgrade_body)
+        if req is None:  # cannot happen: on_message_complete saw the upgrade first
+            req = self.current
+        return self._after_upgrade_request(req, rest)
+
+    def _after_upgrade_request(self, req: Request | None, rest: bytes) -> bytes:
+        if req is None or req.upgrade is None or (req.status and req is not self.current):
+            # Nothing left to upgrade to (only `h2c`, which we strip): a plain request; go on.
+            self.parser = httptools.HttpRequestParser(self)
+            return rest
+        self.dead = True
+        self.pause_reading_for(P_TUNNEL)
+        if rest:
+            self.early.append(rest)
+        return b""
+
+    def _feed_upgrade_body(self, data: bytes) -> bytes:
+        """Frame the body of an Upgrade request (llhttp skips it); returns the bytes after it."""
+        req = self.req
+        assert req is not None
+        if self.ubody_left > 0:
+            chunk = data[: self.ubody_left]
+            self.ubody_left -= len(chunk)
+            self.on_body(chunk)
+            rest = data[len(chunk) :]
+            if self.ubody_left:
+                return b""
+        else:
+            sub = self.ubody_parser
+            assert sub is not None
+            try:
+                sub.feed_data(data)
+            except httptools.HttpParserError:
+                if self.ubody_left:  # not a complaint about bytes after the final chunk
+                    raise
+            if self.ubody_left:
+                return b""
+            # Where the final chunk ended is not reported: whatever followed it is dropped and
+            # the connection closes after the response (chunked Upgrade requests are exotic).
+            rest = b""
+            req.keep_alive = False
+            req.upgrade = None
+            self.dead = True
+        self.ubody_left = 0
+        self.ubody_parser = None
+        self._complete(req)
+        return self._after_upgrade_request(req, rest) if not self.dead else b""
 
     def _drop_pending(self) -> None:
         """The request being parsed is malformed: if it is the one being proxied, forget the
@@ -253,8 +351,11 @@ class ClientConnection(asyncio.Protocol):
         req.hsize += len(name) + len(value) + 4
         if req.nheaders > self.max_headers or req.hsize > self.max_header_size:
             raise Reject(431)  # trailers count too: they are buffered by the parser all the same
+        if value and (value[-1] == 32 or value[-1] == 9):
+            value = value.rstrip(b" \t")  # OWS is not part of the value (RFC 9110 5.5); llhttp strips the leading one
         if req.t0:
-            return  # a trailer after a chunked body: not forwarded (we re-frame the body)
+            self._trailer(req, name, value)
+            return
         known = H.REQUEST_EXACT.get(name)
         if known is not None:
             kind, lname = known
@@ -306,7 +407,20 @@ class ClientConnection(asyncio.Protocol):
             req.lines.append(name + b": " + value + b"\r\n")
         elif kind == H.H_UPGRADE:
             req.upgrade = value
+            req.wants_upgrade = True
+        elif kind == H.H_TRAILER:
+            req.trailer = value if req.trailer is None else req.trailer + b", " + value
         # H_HOP: dropped
+
+    @staticmethod
+    def _trailer(req: Request, name: bytes, value: bytes) -> None:
+        """A trailer field after a chunked body: relayed (the upstream leg is chunked too), except
+        the fields a trailer must not carry (framing, routing, our own headers; RFC 9110 6.5.1)."""
+        if name.lower() in H.REQUEST_SPECIAL:
+            return
+        if req.trailers is None:
+            req.trailers = []
+        req.trailers.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -321,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
             version = parser.get_http_version()
             if version != "1.1":
                 if version != "1.0":
-                    raise Reject(505)
+                    raise Reject(400 if version < "1.0" else 505)  # HTTP/0.9: 400, as nginx
                 req.version10 = True
         req.method = parser.get_method()
         req.keep_alive = keep_alive and not plane.draining
@@ -353,8 +467,11 @@ class ClientConnection(asyncio.Protocol):
         # Only a lone `chunked` coding is accepted; HTTP/1.0 cannot use chunked at all.
         if req.te is not None and (req.version10 or req.te.strip().lower() != b"chunked"):
             raise Reject(400 if req.version10 else 501)
-        if req.host is None and not req.version10:
-            raise Reject(400)
+        if req.host is None:
+            if not req.version10:
+                raise Reject(400)
+        elif not H.valid_host(req.host):
+            raise Reject(400)  # RFC 9112 3.2: Host is uri-host [":" port]; `evil.com:80@x` is not
         target = req.target
         if target[:1] != b"/":
             if target == b"*" and req.method == b"OPTIONS":
@@ -377,10 +494,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             req.path = target[:q]
             req.query = target[q + 1 :]
-        if req.via is not None and H.VIA_TOKEN in req.via:
+        token = self.plane.via
+        if req.via is not None and token and token in req.via:
             for entry in req.via.split(b","):
                 parts = entry.split()
-                if len(parts) >= 2 and parts[1] == H.VIA_TOKEN:
+                if len(parts) >= 2 and parts[1] == token:
                     raise Reject(508)
 
     def on_body(self, body: bytes) -> None:
@@ -393,6 +511,8 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.plane.now + self.timeouts.client_body
         if req.mirror is not None:
             self.plane.mirrors.body(req, body)
+        if req.discard:
+            return  # answered already: read and dropped
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
             self.forward_body(req, up.transport, body)
@@ -404,16 +524,31 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
+        if req.wants_upgrade and self.parser.should_upgrade():
+            self.upgrading = req
+            if req.clen > 0 or req.te is not None:
+                # llhttp skipped the body: it is framed by _feed_upgrade_body, then completed.
+                self.ubody_left = req.clen if req.clen > 0 else -1
+                if req.clen <= 0:
+                    self.ubody_parser = p = httptools.HttpRequestParser(_ChunkedBody(self))
+                    p.feed_data(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+                return
+        self._complete(req)
+
+    def _complete(self, req: Request) -> None:
         self.req = None
         req.complete = True
         if self.dkind == D_BODY:
             self.dkind = D_NONE
         if req.mirror is not None:
             self.plane.mirrors.complete(req)
+        if req.discard and self.current is None:  # answered already: now an idle connection
+            self.deadline = self.plane.now + self.timeouts.idle
+            self.dkind = D_IDLE
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
             if req.te is not None:
-                self.up_write(up.transport, b"0\r\n\r\n")
+                self.up_write(up.transport, last_chunk(req))
             up.deadline = self.plane.now + (req.try_timeout or self.timeouts.response)
 
     # -- proxying --------------------------------------------------------------------------------
@@ -453,9 +588,9 @@ class ClientConnection(asyncio.Protocol):
             for chunk in chunks:
                 self.forward_body(req, t, chunk)
             if req.complete and req.te is not None:
-                self.up_write(t, b"0\r\n\r\n")
+                self.up_write(t, last_chunk(req))
         elif req.complete and req.te is not None:
-            self.up_write(t, req.head + b"0\r\n\r\n")
+            self.up_write(t, req.head + last_chunk(req))
         else:
             self.up_write(t, req.head)
         if req.complete:
@@ -479,9 +614,18 @@ class ClientConnection(asyncio.Protocol):
             self.upstream_protocol_error(conn, f"status {status} out of range")
             return
         req.status = status
-        keep = req.keep_alive and req.complete and not self.plane.draining
+        keep = req.keep_alive and not self.plane.draining
+        if not req.complete:
+            # nginx reads and drops the rest of a body the upstream did not wait for, and keeps
+            # the connection; so do we when little is left (and a Content-Length says how much).
+            if (req.expect and not req.body_bytes) or req.clen < 0 or req.clen - req.body_bytes > DISCARD_MAX:
+                keep = False
+            elif status != 101:
+                req.discard = True
+        if req.upgrade is not None and status != 101 and (self.early or b"close" in (conn.conn_tokens or ())):
+            keep = False  # a declined upgrade: bytes sent for the tunnel, or the upstream closes
         lines = conn.filtered_lines()
-        extra = H.VIA_LINE
+        extra = self.plane.via_line_for(req.version10)
         if not conn.has_reqid and req.reqid is not None:
             extra += b"X-Request-Id: " + req.reqid + b"\r\n"
         if req.set_cookie is not None:
@@ -500,11 +644,15 @@ class ClientConnection(asyncio.Protocol):
             return
         if req.method == b"HEAD" or status == 204 or status == 304:
             req.framing = F_NONE
+            if conn.chunked and status != 204 and not req.version10:
+                extra += b"Transfer-Encoding: chunked\r\n"  # what a GET would get (RFC 9110 9.3.2)
         elif conn.has_length:
             req.framing = F_LENGTH
         elif not req.version10:
             req.framing = F_CHUNKED
             extra += b"Transfer-Encoding: chunked\r\n"
+            if conn.trailer is not None and conn.chunked:
+                extra += b"Trailer: " + conn.trailer + b"\r\n"
         else:
             req.framing = F_CLOSE
             keep = False
@@ -567,7 +715,12 @@ class ClientConnection(asyncio.Protocol):
         if req is None:
             return
         if req.framing == F_CHUNKED:
-            self.wbuf.append(b"0\r\n\r\n")
+            trailers = conn.trailers
+            if trailers:
+                conn.trailers = None
+                self.wbuf.append(b"".join([b"0\r\n", *trailers, b"\r\n"]))
+            else:
+                self.wbuf.append(b"0\r\n\r\n")
         self.upstream = None
         if conn.client is self:
             conn.client = None
@@ -585,6 +738,11 @@ class ClientConnection(asyncio.Protocol):
             self.resume_reading_for(P_CONNECT | P_UPLOAD)
         self.served += 1
         self.plane.finish(req, aborted=False)
+        if req.upgrade is not None and self.dead and req.keep_alive and not self.early and not req.error:
+            # A declined upgrade (no 101): the connection goes on as plain HTTP/1.1.
+            self.dead = False
+            self.parser = httptools.HttpRequestParser(self)
+            self.resume_reading_for(P_TUNNEL)
         if not req.keep_alive or (self.dead and not self.queue):
             if req.error:
                 self.linger()
@@ -593,6 +751,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.queue:
             self.plane.loop.call_soon(self._next_in_line)
+        elif self.req is not None and self.req.discard:  # the rest of this body: read and dropped
+            self.resume_reading_for(P_PIPELINE)
         elif self.req is not None:  # the next request's head is partly here: it gets the header timeout
             self.deadline = self.plane.now + self.timeouts.client_header
             self.dkind = D_HEADER
@@ -646,8 +806,11 @@ class ClientConnection(asyncio.Protocol):
             close = not req.keep_alive or (status >= 500 and req.body_bytes > 0) or not req.complete
             if close:
                 req.keep_alive = False
-            resp = H.head_error_response(status, close) if req.method == b"HEAD" else H.error_response(status, close)
-            transport.write(resp)
+            if req.reqid is None:
+                req.reqid = self.plane.new_request_id()
+            head_only = req.method == b"HEAD"
+            transport.write(H.error_response(status, close, req.reqid, self.plane.via_line, head_only))
+            req.sent = 0 if head_only else H.error_body_size(status)
         self.end_exchange(req)
 
     def upstream_failed(self, req: Request, kind: int, status: int, reused: bool = False) -> None:
@@ -666,8 +829,11 @@ class ClientConnection(asyncio.Protocol):
     def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None, transport: object) -> None:
         req = self.current
         if self.tunnel is conn:
+            # Flush what the upstream sent (a WebSocket close frame, say), then close gently: a
+            # full close with unread client data would reset the connection and lose it.
             self.tunnel = None
-            self.close()
+            self.plane.tunnels.discard(self)
+            self.linger()
             return
         if req is None or self.upstream is not conn:
             return
@@ -705,7 +871,9 @@ class ClientConnection(asyncio.Protocol):
         elif self.dkind == D_LINGER:
             self.abort()
         elif self.dkind == D_HEADER:
-            if self.req is not None and self.current is None:
+            if self.req is not None and self.req.discard:
+                self.close()
+            elif self.req is not None and self.current is None:
                 self.dead = True
                 req, self.req = self.req, None
                 req.keep_alive = False
@@ -741,7 +909,8 @@ class ClientConnection(asyncio.Protocol):
         self.dead = True
         if req is not None:
             self.current = None
-            self.plane.finish(req, aborted=False)
+            self.plane.finish(req, aborted=False, log=False)
+            self.tunnel_req = req  # logged when the tunnel ends, with the bytes sent down it
         t = conn.transport
         if t is not None:
             for chunk in self.early:
@@ -757,6 +926,8 @@ class ClientConnection(asyncio.Protocol):
     def tunnel_write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+            if self.tunnel_req is not None:
+                self.tunnel_req.sent += len(data)
 
     # -- flow control and closing ----------------------------------------------------------------
 
@@ -819,3 +990,25 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
         if self.transport is not None:
             self.transport.abort()
+
+
+def last_chunk(req: Request) -> bytes:
+    """The end of a chunked request body, with its trailers (we frame the upstream leg chunked too)."""
+    trailers = req.trailers
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"".join([b"0\r\n", *trailers, b"\r\n"])
+
+
+class _ChunkedBody:
+    """Callbacks of the parser that frames a chunked Upgrade request's body (see on_message_complete)."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+
+    def on_body(self, body: bytes) -> None:
+        if self.client.ubody_left:
+            self.client.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.client.ubody_left = 0

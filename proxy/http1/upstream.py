@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from proxy.config.model import Endpoint, OutlierDetection
+from proxy.http1.buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
 from proxy.http1.headers import (
     CONNECTION_OPTIONS,
     R_CL,
@@ -21,6 +22,7 @@ from proxy.http1.headers import (
     R_PLAIN,
     R_REQID,
     R_TE,
+    R_TRAILER,
     R_UPGRADE,
     RESPONSE_EXACT,
     RESPONSE_SPECIAL,
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from proxy.http1.server import ClientConnection
 
 P_UPLOAD = 2  # proxy.http1.server.P_UPLOAD (imported there from here would be a cycle)
+# Interim (1xx) responses relayed per request; more is a misbehaving upstream: 502.
+MAX_INTERIM = 32
 
 log = logging.getLogger("canary_proxy.upstream")
 
@@ -40,7 +44,7 @@ log = logging.getLogger("canary_proxy.upstream")
 _SIMPLE_CONNECTION = {v: v.lower() for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close")}
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(asyncio.BufferedProtocol):
     """One TCP connection to an endpoint. Bound to at most one client exchange at a time."""
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -61,11 +65,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.has_reqid = False
         self.conn_tokens: list[bytes] | None = None
         self.upgrade: bytes | None = None  # the Upgrade header: hop-by-hop, only forwarded with a 101
+        # Response head limits (the client's max_headers / max_header_size apply to upstreams too).
+        self.nheaders = 0
+        self.hsize = 0
+        self.head_bytes = 0  # bytes read while a head is incomplete (httptools buffers partial lines)
+        self.ninterim = 0
+        self.trailer: bytes | None = None  # the `Trailer` header
+        self.trailers: list[bytes] | None = None  # trailer lines after a chunked body
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self.pool.plane.upstream_conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -85,6 +97,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self.client is not None:
             self.client.resume_reading_for(P_UPLOAD)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Read at most what the client's write buffer still has room for: with a slow client,
+        bytes in flight per connection stay under READ_BUDGET (uvloop would read 256 KiB)."""
+        client = self.client
+        t = client.transport if client is not None else None
+        return read_view(t.get_write_buffer_size() if t is not None else 0)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(READ_VIEW[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is None:
@@ -95,6 +117,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         plane = self.pool.plane
         plane.now = now = monotonic()  # for the deadlines set while this response is handled
+        started = self.started
+        if not started:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -103,6 +128,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.client.tunnel_write(rest)
         except httptools.HttpParserError as exc:
             client.upstream_protocol_error(self, str(exc))
+        else:
+            if not self.started and self.head_bytes > client.max_header_size + 8192:
+                # An endless header line: httptools buffers it whole before calling on_header.
+                client.upstream_protocol_error(self, "response head larger than limits.max_header_size")
         if self.started and not self.tunnel:
             # The response timeout also bounds each pause within a response once it has started.
             self.deadline = now + client.timeouts.response
@@ -114,8 +143,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        client = self.client
+        if client is not None:
+            self.nheaders += 1
+            self.hsize += len(name) + len(value) + 4
+            if self.nheaders > client.max_headers or self.hsize > client.max_header_size:
+                raise ValueError("response headers over limits.max_headers / max_header_size")  # -> 502
+        if value and (value[-1] == 32 or value[-1] == 9):
+            value = value.rstrip(b" \t")  # OWS is not part of the value (RFC 9110 5.5)
         if self.started:
-            return  # trailers: dropped (we re-frame the body)
+            self._trailer(name, value)
+            return
         kind = RESPONSE_EXACT.get(name)
         if kind is None:
             kind = RESPONSE_SPECIAL.get(name.lower(), R_PLAIN)
@@ -138,7 +176,18 @@ class UpstreamConnection(asyncio.Protocol):
         elif kind == R_REQID:
             self.has_reqid = True
             self.lines.append(name + b": " + value + b"\r\n")
+        elif kind == R_TRAILER:
+            self.trailer = value if self.trailer is None else self.trailer + b", " + value
         # R_HOP: dropped
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer after a chunked body: relayed when the client leg is chunked too (framing and
+        hop-by-hop fields are never taken from trailers, RFC 9110 6.5.1)."""
+        if name.lower() in RESPONSE_SPECIAL:
+            return
+        if self.trailers is None:
+            self.trailers = []
+        self.trailers.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         client = self.client
@@ -146,6 +195,9 @@ class UpstreamConnection(asyncio.Protocol):
             status = self.parser.get_status_code()
             if 100 <= status < 200 and status != 101:
                 self.interim = True
+                self.ninterim += 1
+                if self.ninterim > MAX_INTERIM:
+                    raise ValueError(f"more than {MAX_INTERIM} interim (1xx) responses")  # -> 502
                 client.response_interim(status, self.reason, self.lines)
             else:
                 self.started = True
@@ -161,6 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.has_reqid = False
         self.conn_tokens = None
         self.upgrade = None
+        self.nheaders = self.hsize = self.head_bytes = 0
 
     def on_body(self, body: bytes) -> None:
         client = self.client
@@ -240,6 +293,9 @@ class EndpointPool:
         """Give a connection back after a complete exchange."""
         conn.client = None
         conn.started = False
+        conn.ninterim = conn.head_bytes = 0
+        conn.trailer = None
+        conn.trailers = None
         t = conn.transport
         if not reusable or self.retired or t is None or t.is_closing():
             conn.close()
