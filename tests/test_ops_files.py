@@ -437,6 +437,16 @@ tests:
       - series: >-
           canary_proxy_analysis_verdict{job="canary-proxy",instance="p",rollout="web",result="insufficient_data"}
         values: '1x10 0x50'
+      - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",rollout="api",phase="progressing"}'
+        values: '1x60'
+      # promoted (the baseline gets no traffic) or rolled back: insufficient data is expected, no alert
+      - series: >-
+          canary_proxy_analysis_verdict{job="canary-proxy",instance="p",rollout="done",result="insufficient_data"}
+        values: '1x60'
+      - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",rollout="done",phase="promoted"}'
+        values: '1x60'
+      - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",rollout="done",phase="progressing"}'
+        values: '0x60'
     alert_rule_test:
       - {eval_time: 2m, alertname: CanaryRolledBack, exp_alerts: []}
       - eval_time: 6m
