@@ -195,7 +195,7 @@ def _mirror(config: Config, route: Route, stats: Stats, states: Mapping[str, Rol
     if m is None or m.percent <= 0:
         return None
     rollout = config.rollout_of(m.to)
-    if rollout is not None and m.to == rollout.canary:
+    if rollout is not None and m.to == rollout.canary and rollout.mode != "observe":  # observe: traffic never changes
         state = states.get(rollout.name)
         if state is not None and state.phase == "rolled_back":
             return None

@@ -225,6 +225,33 @@ async def test_analyze_feeds_the_canary_evidence_and_rollback_stops_mirroring(
     assert plane_of(app).mirrors.pending == 0 and len(copies) == sent  # rolled back: no more copies
 
 
+async def test_observe_mode_keeps_mirroring_after_a_would_be_rollback(
+    proxy_factory: ProxyFactory, upstream_factory: UpstreamFactory, raw_client: Callable[[int], Awaitable[RawClient]]
+) -> None:
+    """`mode: observe` never changes traffic: a dark launch judged in observe mode keeps getting its
+    copies after the analysis says it would have rolled back."""
+    stable = await upstream_factory("stable")
+    mirror, copies = await recording_mirror(upstream_factory)  # answers 500 to everything
+    rollout = (
+        "rollout:\n  canary: canary\n  baseline: stable\n  min_requests: 20\n  mode: observe\n"
+        "  fast_fail: {consecutive_errors: 10}\n"
+    )
+    routes = mirror_routes("{to: canary, percent: 100, analyze: true}")
+    app = await proxy_factory(config_text(stable.url, mirror.url, extra=rollout, routes=routes))
+    client = await raw_client(plane_of(app).bound_port)
+    assert app.controller is not None
+    for _ in range(30):
+        resp = await client.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert resp.status == 200 and resp.one("x-upstream") == b"stable"
+    await wait_until(lambda: app.controller.state.phase == "rolled_back", what="observe-mode would-be rollback")  # type: ignore[union-attr]
+    await wait_until(lambda: plane_of(app).mirrors.pending == 0, what="mirrors done")
+    sent = len(copies)
+    for _ in range(10):
+        resp = await client.request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert resp.status == 200 and resp.one("x-upstream") == b"stable"
+    await wait_until(lambda: len(copies) >= sent + 10, what="copies still sent in observe mode")
+
+
 async def test_mirror_reuses_its_own_connections_and_handles_head(
     proxy_factory: ProxyFactory, upstream_factory: UpstreamFactory, logging_upstream: Callable[[], Awaitable[Any]]
 ) -> None:
