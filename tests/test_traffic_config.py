@@ -128,6 +128,14 @@ BAD = [
         'routes[0].match.host[0]: invalid host name "exa mple.com" (letters, digits, "-" and "." only, as in DNS)'
         " (line 9)",
     ),
+    (
+        "  - name: a\n    split: {stable: 90, canary: 10}\n    sticky: {cookie: c, issue: {max_age: 500ms}}\n",
+        "routes[0].sticky.issue.max_age: must be at least 1s (Max-Age=0 would delete the cookie) (line 10)",
+    ),
+    (
+        "  - name: a\n    match: {host: ['[::1]:8080']}\n    to: stable\n",
+        'routes[0].match.host[0]: invalid IPv6 literal "[::1]:8080" (write it as [::1], without a port) (line 9)',
+    ),
 ]
 
 

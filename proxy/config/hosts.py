@@ -31,6 +31,8 @@ def parse_host_pattern(text: str) -> str:
         except ValueError:
             raise ValueError(f'invalid IPv6 literal "{raw}"') from None
         return text
+    if text.startswith("["):
+        raise ValueError(f'invalid IPv6 literal "{raw}" (write it as [::1], without a port)')
     if ":" in text:
         raise ValueError(f'invalid host "{raw}": no port here (the port is ignored when matching)')
     wildcard = text.startswith("*.")

@@ -453,6 +453,9 @@ class _Parser:
         issue = r.record(v, CookieIssue, readers)
         if issue is None or len(r.errors) > before:
             return None
+        if issue.max_age < 1:  # Max-Age counts whole seconds; Max-Age=0 deletes the cookie at once
+            r.error(r.entries(v)["max_age"], "must be at least 1s (Max-Age=0 would delete the cookie)")
+            return None
         if issue.same_site == "none" and not issue.secure:
             m = r.entries(v)
             r.error(m["same_site"], "same_site: none needs secure: true (browsers reject such a cookie)")
