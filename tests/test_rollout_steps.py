@@ -217,6 +217,13 @@ rollouts:
     assert api.step_specs == () and api.steps == (5, 100)  # plain numbers stay plain
 
 
+def test_argo_pause_duration_spelling_is_a_timed_pause() -> None:
+    """Argo Rollouts writes `pause: {duration: 10m}`; it means the same as `pause: 10m`."""
+    cfg = parse_config(BASE + "rollout: {canary: a2, baseline: a1, steps: [10, {pause: {duration: 10m}}, 50]}\n")
+    assert cfg.rollout is not None
+    assert [(s.kind, s.pause) for s in cfg.rollout.step_specs] == [("weight", None), ("pause", 600.0), ("weight", None)]
+
+
 def test_one_rollout_is_named_default_unless_it_says() -> None:
     cfg = parse_config(BASE + "rollout: {canary: a2, baseline: a1}\n")
     assert cfg.rollout is not None and cfg.rollout.name == "default" and cfg.rollouts == (cfg.rollout,)
@@ -277,6 +284,19 @@ def test_one_rollout_is_named_default_unless_it_says() -> None:
         (
             "rollout: {canary: a2, baseline: a1, checks: [{name: c, prometheus: 'http://p', query: up}]}\n",
             'rollout.checks[0]: set "max" or "min" (or both) (line 11)',
+        ),
+        (
+            "rollout: {canary: a2, baseline: a1,"
+            " checks: [{name: c, prometheus: 'http://p', query: up, min: 5, max: 1}]}\n",
+            "rollout.checks[0]: min (5) must not exceed max (1) (line 11)",
+        ),
+        (
+            "rollout: {canary: a2, baseline: a1, steps: [10, {pause: {duration: soon}}]}\n",
+            'rollout.steps[1].pause.duration: invalid duration "soon" (use e.g. 500ms, 2s, 1m) (line 11)',
+        ),
+        (
+            "rollout: {canary: a2, baseline: a1, steps: [10, {pause: {duration: 5s, seconds: 5}}]}\n",
+            "rollout.steps[1].pause.seconds: unknown key (allowed: duration) (line 11)",
         ),
         (
             "rollout: {canary: a2, baseline: a1, webhooks: [{url: 'http://h', events: [exploded]}]}\n",

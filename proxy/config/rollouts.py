@@ -145,6 +145,11 @@ class RolloutKeys:
         if kind == "pause":
             if sv.is_null or (isinstance(sv.node, MappingNode) and not sv.node.value):
                 return Step("pause", weight)  # `pause: {}`: until promote
+            if isinstance(sv.node, MappingNode):  # Argo's spelling: `pause: {duration: 10m}`
+                pm = r.mapping(sv, ("duration",), required=("duration",))
+                if pm is None or "duration" not in pm:
+                    return None
+                sv = pm["duration"]
             seconds = r.duration(sv)
             return Step("pause", weight, pause=seconds) if seconds is not None else None
         if kind == "gate":
@@ -182,6 +187,9 @@ class RolloutKeys:
                 continue
             if check.max is None and check.min is None:
                 r.error(item, 'set "max" or "min" (or both)')
+                continue
+            if check.max is not None and check.min is not None and check.min > check.max:
+                r.error(item, f"min ({fmt_number(check.min)}) must not exceed max ({fmt_number(check.max)})")
                 continue
             if check.name in names:
                 r.error(r.entries(item)["name"], f'duplicate check name "{check.name}"')
