@@ -114,6 +114,22 @@ def test_no_deadline_while_waiting_for_a_person() -> None:
     assert on_verdict(paused, LOW, cfg, 1e6) == (paused, [])
 
 
+def test_no_deadline_during_a_timed_pause_longer_than_it() -> None:
+    """A timed pause ends by itself (Argo does not count pauses against progressDeadlineSeconds):
+    a 1h pause under a 30m deadline is not stalled, and the clock starts again at the next step."""
+    pause_1h = Step("pause", 10.0, pause=3600.0)
+    cfg = ladder(W(10), pause_1h, W(50), progress_deadline=1800.0, on_deadline="rollback")
+    s, _ = on_verdict(initial_state(cfg, None, 0.0), HEALTHY, cfg, 10.0)
+    assert s.step_index == 1
+    assert on_verdict(s, LOW, cfg, 10.0 + 1801.0) == (s, [])
+    after, events = on_verdict(s, LOW, cfg, 10.0 + 3600.0)
+    assert after.step_index == 2 and [e.kind for e in events] == ["step"]
+    assert on_verdict(after, LOW, cfg, 3610.0 + 1799.0) == (after, [])
+    gone, events = on_verdict(after, LOW, cfg, 3610.0 + 1800.0)
+    assert [e.kind for e in events] == ["stalled", "rollback"]
+    assert gone.phase == "rolled_back" and gone.stalled
+
+
 def test_observe_mode_decides_but_never_changes_weights() -> None:
     cfg = ladder(W(10), W(50), mode="observe")
     split = (("stable", 100.0), ("canary", 0.0))

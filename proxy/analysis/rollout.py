@@ -175,6 +175,8 @@ def _deadline(state: RolloutState, cfg: Rollout, now: float) -> tuple[RolloutSta
         return state, []
     if waiting_forever(state, cfg) or now - state.step_started_at < limit:
         return state, []
+    if cfg.step(state.step_index).kind == "pause":
+        return state, []  # a timed pause ends by itself: not stuck (Argo does not count pauses either)
     stalled = replace(state, stalled=True, changed_at=now)
     msg = f"rollout of {cfg.canary} stalled: no step for {limit:g}s (step {state.step_index + 1}/{len(cfg.steps)})"
     data: dict[str, JSONScalar] = {"step": state.step_index, "deadline": limit, "on_deadline": cfg.on_deadline}
