@@ -154,3 +154,18 @@ def test_analyze_without_a_rollout_of_that_canary_is_warned() -> None:
     ]
     cfg = parse_config(HEAD + routes + "rollout: {canary: canary, baseline: stable}\n", env={})
     assert config_warnings(cfg) == []
+
+
+def test_mirror_analyze_into_a_baseline_is_refused() -> None:
+    """`analyze: true` makes copies the canary's evidence; into a rollout's baseline it would make
+    them the baseline's evidence instead, and judge the real canary against shadow traffic."""
+    text = (
+        HEAD
+        + "  - name: a\n    split: {stable: 90, canary: 10}\n    mirror: {to: stable, analyze: true}\n"
+        + "rollout: {canary: canary, baseline: stable}\n"
+    )
+    assert errors_of(text) == [
+        'routes[0].mirror.analyze: "stable" is the baseline of rollout "default": analyze judges a canary (line 10)'
+    ]
+    ok = parse_config(text.replace("to: stable, analyze: true", "to: canary, analyze: true"), env={})
+    assert ok.routes[0].mirror == Mirror("canary", analyze=True)

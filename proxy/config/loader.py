@@ -140,6 +140,7 @@ class _Parser:
         self.r = reader
         self.env = env
         self.upstream_names: list[str] | None = None  # None: section unusable, skip name lookups
+        self.baselines: dict[str, str] = {}  # baseline upstream -> rollout name (read before routes)
 
     def config(self, root: Value) -> Config | None:
         r = self.r
@@ -152,6 +153,7 @@ class _Parser:
             r.error(top.get("admin", top["listen"]), f"must differ from listen ({listen})")
         upstreams = self.upstreams(top["upstreams"]) if "upstreams" in top else {}
         rollouts = self.rollouts(top)
+        self.baselines = {ro.baseline: ro.name for ro in rollouts}
         return Config(
             listen=listen or Address("", 0),
             admin=admin or DEFAULT_ADMIN,
@@ -299,6 +301,10 @@ class _Parser:
         own = to if to is not None else next((n for n, w in split or () if w >= 100), None)
         if own is not None and mirror.to == own:
             r.error(r.entries(v)["to"], f'mirror must not point at the route\'s own target ("{own}")')
+            return None
+        if mirror.analyze and mirror.to in self.baselines:  # copies would be judged as the baseline's traffic
+            msg = f'"{mirror.to}" is the baseline of rollout "{self.baselines[mirror.to]}": analyze judges a canary'
+            r.error(r.entries(v)["analyze"], msg)
             return None
         return mirror
 
