@@ -7,6 +7,7 @@ per snapshot, and the data plane calls :func:`select` once per request.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 from bisect import bisect_right
 from collections.abc import Callable
@@ -40,7 +41,12 @@ def normalise_host(host: bytes | None) -> bytes | None:
     host = host.strip().lower()
     if host[:1] == b"[":
         end = host.find(b"]")
-        return host[: end + 1] if end > 0 else host
+        if end <= 0:
+            return host
+        try:  # one spelling per address ([0:0::1] is [::1]), as the patterns are normalised
+            return b"[" + ipaddress.IPv6Address(host[1:end].decode("ascii")).compressed.encode("ascii") + b"]"
+        except (ValueError, UnicodeDecodeError):
+            return host[: end + 1]
     colon = host.rfind(b":")
     if colon >= 0:
         host = host[:colon]

@@ -26,7 +26,7 @@ ROUTES = """\
     match: {host: API.example.com}
     to: canary
   - name: ip
-    match: {host: ["127.0.0.2", "[::1]"]}
+    match: {host: ["127.0.0.2", "[::1]", "[2001:DB8:0:0::1]"]}
     to: canary
   - name: other
     to: other
@@ -57,6 +57,9 @@ async def test_hosts_and_wildcards_reach_their_routes(
         "www.api.example.com": "other",  # an exact name has no subdomains
         "127.0.0.2:8080": "canary",
         "[::1]:8080": "canary",
+        "[0:0:0:0:0:0:0:1]": "canary",  # IPv6 literals compare as addresses, not as text
+        "[2001:db8::1]:8443": "canary",
+        "[2001:db8::2]": "other",
         "nothing.test": "other",
     }
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.plane.bound_port}") as client:
@@ -88,6 +91,8 @@ async def test_absolute_form_and_http10(
 def test_normalise_host() -> None:
     assert normalise_host(b"Shop.Example.com:443") == b"shop.example.com"
     assert normalise_host(b"[::1]:80") == b"[::1]"
+    assert normalise_host(b"[0:0::0:1]:80") == b"[::1]" and normalise_host(b"[2001:DB8::1]") == b"[2001:db8::1]"
+    assert normalise_host(b"[not-an-address]") == b"[not-an-address]"  # never matches a (valid) pattern
     assert normalise_host(b"example.com.") == b"example.com"
     assert normalise_host(b"") is None and normalise_host(None) is None
 

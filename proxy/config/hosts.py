@@ -27,10 +27,9 @@ def parse_host_pattern(text: str) -> str:
         raise ValueError('"*" matches every host: omit match.host instead')
     if text.startswith("[") and text.endswith("]"):
         try:
-            ipaddress.IPv6Address(text[1:-1])
+            return f"[{ipaddress.IPv6Address(text[1:-1]).compressed}]"  # as normalise_host spells it
         except ValueError:
             raise ValueError(f'invalid IPv6 literal "{raw}"') from None
-        return text
     if text.startswith("["):
         raise ValueError(f'invalid IPv6 literal "{raw}" (write it as [::1], without a port)')
     if ":" in text:
