@@ -26,7 +26,7 @@ from proxy.app import ProxyApp
 from proxy.cli import main
 from proxy.cli_admin import format_status
 from tests.conftest import ProxyProcess, Upstream, free_port
-from tests.test_e2e_rollback import Switch, _true, admin, metrics, sample, status, stop_process, wait_for
+from tests.test_e2e_rollback import Switch, _true, _worker_up, admin, metrics, sample, status, stop_process, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -523,7 +523,7 @@ rollouts:
 """
     pp = proxy_process(text, args=("--workers", "2"))
     try:
-        await wait_for(lambda: _true(sum("listening on" in line for line in list(pp.lines)) >= 2), 15, "both workers")
+        await wait_for(lambda: _true(sum(_worker_up(line) for line in list(pp.lines)) >= 2), 15, "both workers")
 
         async def spread(path: str) -> list[tuple[int, str, str]]:
             conn = aiohttp.TCPConnector(force_close=True)  # new connections: both workers serve
