@@ -9,6 +9,9 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # Fleet mode tests start their own redis-server (Valkey works the same).
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# prlimit (descriptor-limit tests) and mount (a small tmpfs stands in for a full disk).
+command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
+command -v mount >/dev/null 2>&1 || need+=(mount)
 # A C compiler and Python's headers let `make setup` compile the hot path (mypyc).
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \

@@ -2,6 +2,8 @@
 
 A separate aiohttp server on its own address, so nothing here is reachable through the data port.
 POSTs change the proxy; when the config has an admin token they need `Authorization: Bearer`.
+Every error is a JSON 4xx (never a 500 with a traceback); proxy.adminguard checks Host, Origin and
+Referer of POSTs and caps connections and header time.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from proxy.adminguard import GuardedListener, cross_site, host_allowed
 from proxy.analysis.rollout import COMMANDS, Command, CommandError
 from proxy.fleet.errors import FleetUnavailable
 from proxy.metrics import CONTENT_TYPE, make_registry, render
@@ -39,10 +41,11 @@ class AdminServer:
         self.app = app
         self.registry = make_registry(app)
         self._runner: web.AppRunner | None = None
+        self.listener: GuardedListener | None = None
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes + token middleware)."""
-        web_app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY)
+        web_app = web.Application(middlewares=[self._errors, self._auth], client_max_size=MAX_BODY)
         web_app.router.add_get("/", self.page)
         web_app.router.add_get("/metrics", self.metrics)
         web_app.router.add_get("/healthz", self.healthz)
@@ -57,43 +60,82 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> None:
         """Bind and serve (port 0 picks a free port: see `bound_port`)."""
-        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        config = self.app.config
+        runner = web.AppRunner(
+            self.make_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            keepalive_timeout=config.admin_header_timeout,
+        )
         await runner.setup()
+        assert runner.server is not None
+        listener = GuardedListener(runner.server, config.admin_max_connections, config.admin_header_timeout)
         try:
-            await web.TCPSite(runner, host, port).start()
+            await listener.start(host, port)
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
+        self.listener = listener
 
     async def stop(self) -> None:
         """Close the listener and any open admin connections."""
         runner, self._runner = self._runner, None
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            await listener.close()
         if runner is not None:
             await runner.cleanup()
 
     @property
     def bound_port(self) -> int:
         """The port actually bound (useful with port 0)."""
-        assert self._runner is not None, "AdminServer not started"
-        port: int = self._runner.addresses[0][1]
-        return port
+        assert self.listener is not None, "AdminServer not started"
+        return self.listener.bound_port
 
     # -- middleware --------------------------------------------------------------------------------
 
     @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error as JSON: aiohttp's own (404, 405, 413...) and anything unexpected."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            resp = _json({"ok": False, "error": exc.text or exc.reason}, status=exc.status)
+            for name, value in exc.headers.items():  # e.g. Allow on a 405
+                if name.lower() not in ("content-type", "content-length"):
+                    resp.headers[name] = value
+            return resp
+        except Exception:
+            log.exception("admin %s %s failed", request.method, request.path)
+            return _json({"ok": False, "error": "the request could not be handled"}, status=400)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every POST needs the admin token when one is configured; GETs stay open (probes, scrapes)."""
-        if request.method == "POST" and not _same_origin(request):
-            # A browser page from elsewhere must not drive the rollout (CSRF); curl and the CLI send
-            # no Origin, the status page sends its own.
-            return web.json_response({"ok": False, "error": "cross-origin POST refused"}, status=403)
-        token = self.app.config.admin_token
+        config = self.app.config
+        if request.method == "POST":
+            headers = request.headers
+            host = headers.get("Host")
+            if not host_allowed(host, config):
+                # DNS rebinding: a page on an attacker's name that resolves to us. Its Origin and
+                # Host agree, so only the name itself tells.
+                return _json({"ok": False, "error": f"Host {host!r} is not this admin listener"}, 403)
+            why = cross_site(headers.get("Origin"), headers.get("Referer"), host)
+            if why is not None:
+                # A browser page from elsewhere must not drive the rollout (CSRF); curl and the CLI
+                # send no Origin, the status page sends its own.
+                return _json({"ok": False, "error": why}, status=403)
+        token = config.admin_token
         if request.method == "POST" and token and request.match_info.http_exception is None:
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
+            # surrogateescape: aiohttp hands undecodable bytes over as surrogates; they just mismatch
             ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                value.strip().encode("utf-8"), token.encode("utf-8")
+                value.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
             )
             if not ok:
                 return web.json_response(
@@ -187,20 +229,13 @@ class AdminServer:
         return _json({"ok": True, "hash": app.config.source_hash})
 
 
-def _same_origin(request: web.Request) -> bool:
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return True
-    return urlsplit(origin).netloc.lower() == request.host.lower()
-
-
 async def _reason(request: web.Request) -> str | None:
     """An optional `reason`: JSON body `{"reason": ...}` or query `?reason=...`."""
     reason = request.query.get("reason")
     if request.can_read_body:
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise web.HTTPBadRequest(text='body must be JSON like {"reason": "..."}') from None
         if isinstance(body, dict) and isinstance(body.get("reason"), str):
             reason = body["reason"]

@@ -17,11 +17,13 @@ from typing import IO
 from proxy import __version__, native, tuning
 from proxy.accesslog import AccessLogger
 from proxy.admin import AdminServer
+from proxy.adminguard import exposure_problem, warn_if_insecure
 from proxy.analysis.manager import RolloutManager
 from proxy.analysis.rollout import RolloutState, reconcile
 from proxy.compile import Snapshot, compile_snapshot
 from proxy.config import Config, ConfigError, load_config
 from proxy.dataplane import DataPlane
+from proxy.faults import descriptor_budget
 from proxy.fleet.setup import FleetMember, make_member
 from proxy.reload import ConfigWatcher
 from proxy.stats import Stats, UpstreamStats
@@ -72,7 +74,11 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         role = self.role
         follower = role is not None and not role.leader
+        problem = exposure_problem(self.config) if not follower else None
+        if problem is not None:
+            raise ConfigError([problem], self.config.source_path)
         if not follower:
+            warn_if_insecure(self.config)
             self.fleet = make_member(self.config, self.stats, lambda: self.config, workers=role is not None)
             seams = self.fleet.store if self.fleet is not None else None
             self.controller = RolloutManager(
@@ -90,6 +96,8 @@ class ProxyApp:
                 self.fleet.attach(self.controller)
                 await self.fleet.start()
         self.plane = DataPlane(self.stats, loop)
+        admin_budget = 0 if follower else self.config.admin_max_connections
+        self.plane.fd_clients = descriptor_budget(self.config.limits.max_connections, admin_budget)
         self.plane.swap(self._compile(self.config, self._state()))
         if self.config.access_log.enabled:
             self.plane.access_log = AccessLogger(_open_log(self.config.access_log.path))
@@ -110,7 +118,12 @@ class ProxyApp:
             self.admin = AdminServer(self)
             await self.admin.start(self.config.admin.host, self.config.admin.port)
         if self.watch and self.config.source_path:
-            self.watcher = ConfigWatcher(self.config.source_path, self.reload, known=self.config.source_hash)
+            self.watcher = ConfigWatcher(
+                self.config.source_path,
+                self.reload,
+                known=self.config.source_hash,
+                max_size=self.config.max_config_size,
+            )
             self.watcher.start()
         log.log(
             logging.DEBUG if follower else logging.INFO,  # `--workers N`: the leader says it once
@@ -206,7 +219,8 @@ class ProxyApp:
             if not path:
                 return False, "the config was not loaded from a file"
             try:
-                new = load_config(path)
+                # In a thread: a slow disk or a big file must not stall the data plane.
+                new = await asyncio.to_thread(load_config, path, None, old.max_config_size)
                 if new.source_hash == old.source_hash and reason == "file":
                     # An editor touched the file, or a bad edit was reverted: nothing to swap.
                     if self.last_error is not None:
@@ -225,10 +239,14 @@ class ProxyApp:
                     tentative = self._state()  # a follower: the leader re-sends it if it changes
                 else:
                     current = self.controller.states
+                    # Rollouts added by this reload: their state files are read now, before the
+                    # commit (a bad one gives a held state; it never fails the commit).
+                    added = self.controller.preload(new)
                     for ro in new.rollouts:
                         canary = new.upstreams.get(ro.canary)
                         version = canary.version if canary is not None else None
-                        tentative[ro.name] = reconcile(current.get(ro.name), ro, version, self.clock())
+                        saved = current.get(ro.name) or added.get(ro.name)
+                        tentative[ro.name] = reconcile(saved, ro, version, self.clock())
                 assert self.plane is not None
                 loaded_at = self.clock()
                 snapshot = compile_snapshot(new, self.stats, self.plane.pools, tentative, loaded_at)
@@ -246,10 +264,19 @@ class ProxyApp:
                     self.controller.record_event("reload_failed", message, {"reason": reason})
                 return False, message
             # Commit. No await from here on: nothing can observe a half-applied reload.
-            if self.controller is not None:
-                state = self.controller.reconfigure(new)
-                if state != tentative:  # e.g. a rollout added by this reload found a state file
-                    snapshot = compile_snapshot(new, self.stats, self.plane.pools, state, loaded_at)
+            try:
+                if self.controller is not None:
+                    state = self.controller.reconfigure(new)
+                    if state != tentative:  # e.g. a rollout added by this reload found a state file
+                        snapshot = compile_snapshot(new, self.stats, self.plane.pools, state, loaded_at)
+            except Exception as exc:  # a bug: still reported where operators look
+                log.exception("config reload (%s) failed while committing", reason)
+                self.stats.reloads["failure"] += 1
+                self.last_error = f"internal error while applying the config: {exc!r}"
+                self.last_error_at = self.clock()
+                return False, self.last_error
+            if self.watcher is not None:
+                self.watcher.max_size = new.max_config_size
             self.config = new
             self.loaded_at = loaded_at
             self.last_error = self.last_error_at = None

@@ -39,8 +39,13 @@ def install_uvloop() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.adminguard import exposure_problem
+
     try:
         config = load_config(args.config)
+        problem = exposure_problem(config)
+        if problem is not None:
+            raise ConfigError([problem], args.config)
     except ConfigError as exc:
         print(f"canary-proxy: invalid config {args.config}:", file=sys.stderr)
         for err in exc.errors:
@@ -70,12 +75,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"canary-proxy: cannot listen: {exc}", file=sys.stderr)
             await app.stop()
             return 1
+        except ConfigError as exc:
+            print(f"canary-proxy: {'; '.join(exc.errors)}", file=sys.stderr)
+            await app.stop()
+            return 1
         return await app.run_forever()
 
     return asyncio.run(main())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from proxy.adminguard import exposure_problem
     from proxy.config.summary import summarize
 
     try:
@@ -86,6 +96,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  {err}", file=sys.stderr)
         print(f"canary-proxy: configuration file {args.config} test failed", file=sys.stderr)
         return 1
+    problem = exposure_problem(config)
+    if problem is not None:  # the token may come from the environment `run` gets: a warning here
+        print(f"canary-proxy: warning: `run` refuses this without a token: {problem}", file=sys.stderr)
     from proxy.config.lint import config_warnings
 
     print(summarize(config))

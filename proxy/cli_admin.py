@@ -30,8 +30,10 @@ ROLLOUT_VERBS = {
     "resume": "continue a paused rollout",
     "reset": "restart the rollout from its first step (clears a rollback)",
 }
-SYMBOLS = {"progressing": "◌", "steady": "✔", "paused": "॥", "promoted": "✔", "rolled_back": "✖"}
-ASCII_SYMBOLS = {"progressing": "~", "steady": "+", "paused": "||", "promoted": "+", "rolled_back": "x"}
+SYMBOLS = {"progressing": "◌", "steady": "✔", "paused": "॥", "promoted": "✔", "rolled_back": "✖", "unknown_state": "?"}
+ASCII_SYMBOLS = {
+    "progressing": "~", "steady": "+", "paused": "||", "promoted": "+", "rolled_back": "x", "unknown_state": "?",
+}  # fmt: skip
 VERDICT_SYMBOLS = {"healthy": "✔", "breach": "✖", "insufficient_data": "…"}
 ASCII_VERDICT_SYMBOLS = {"healthy": "+", "breach": "x", "insufficient_data": "?"}
 EVENTS_SHOWN = 5

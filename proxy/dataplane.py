@@ -20,6 +20,7 @@ from typing import Any
 
 from proxy.accesslog import AccessLogger
 from proxy.compile import Binding, Snapshot
+from proxy.faults import LocalErrors, local_kind
 from proxy.http1 import headers as H
 from proxy.http1.request import Request
 from proxy.http1.server import P_CONNECT, ClientConnection
@@ -55,6 +56,8 @@ class DataPlane(DataPlaneLike):
         self.server: asyncio.Server | None = None
         self.access_log: AccessLogger | None = None
         self.retrying = 0
+        self.local = LocalErrors(stats.local_errors)
+        self.fd_clients = 1 << 30  # client connections the descriptor limit carries (set at start)
         self._last_id = 0
         self._flushes: list[ClientConnection] = []  # deferred writes, see ClientConnection.flush_later
         self._id_prefix = os.urandom(4).hex().encode() + b"-"
@@ -128,6 +131,8 @@ class DataPlane(DataPlaneLike):
             await asyncio.sleep(0.05)
         clean = not self.clients
         for c in list(self.clients):
+            if c.current is not None:
+                self.local.record("shutdown", "shutdown", "shutdown_grace ended with the request in flight")
             c.abort()
         return clean
 
@@ -313,8 +318,12 @@ class DataPlane(DataPlaneLike):
             client.connect_task = None
             self.upstream_error(req, client, KIND_CONNECT)
             client.upstream_failed(req, KIND_CONNECT, 504)
-        except OSError:
+        except OSError as exc:
             client.connect_task = None
+            local = local_kind(exc)
+            if local is not None:  # our own limit, not the upstream's fault: never blame it
+                self.local_failure(req, client, local, f"{pool.endpoint.key}: {exc}")
+                return
             self.upstream_error(req, client, KIND_CONNECT)
             client.upstream_failed(req, KIND_CONNECT, 502)
         else:
@@ -323,6 +332,34 @@ class DataPlane(DataPlaneLike):
                 pool.release(conn, True, req.snapshot.config.timeouts.idle)
             else:
                 client.upstream_ready(conn)
+
+    def admit(self) -> bool:
+        """A new client connection (already in `clients`) may stay: within max_connections and
+        the descriptor budget, so that upstream connects never run out of descriptors first."""
+        n = len(self.clients)
+        if n > self.snapshot.config.limits.max_connections:
+            return False
+        if n > self.fd_clients:
+            self.local.record("descriptors", "accept", f"{n} client connections reach the descriptor budget")
+            return False
+        # Room for this client's upstream connection too: idle pooled connections give way first.
+        short = n + len(self.upstream_conns) + 1 - 2 * self.fd_clients
+        if short > 0 and self.pools.trim_idle(short) < short:
+            self.local.record("descriptors", "accept", "no descriptor left for an upstream connection")
+            return False
+        return True
+
+    def local_failure(self, req: Request, client: ClientConnection, kind: str, cause: str) -> None:
+        """A failure of this proxy's own (proxy.faults): counted and logged, answered 503."""
+        self.local.record(kind, "connect", cause)
+        req.failed = True  # finish() then keeps it out of the analysis and outlier detection
+        if req is not client.current or client.closed:
+            return
+        client.upstream = None
+        if req.status:
+            client.abort()
+        else:
+            client.respond_error(req, 503)
 
     def upstream_error(self, req: Request, client: ClientConnection, kind: int) -> None:
         """Record one failed attempt against the upstream and endpoint that failed."""

@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import (
 from proxy import __version__
 from proxy.analysis.rollout import RolloutState
 from proxy.analysis_metrics import analysis_families
+from proxy.faults import LOCAL_KINDS
 from proxy.fleet.report import fleet_metrics
 from proxy.metrics_mirror import mirror_families
 from proxy.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 # Plain text 0.0.4: every name here is a legacy-valid name, and every scraper understands it.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-PHASES = ("progressing", "steady", "paused", "promoted", "rolled_back")
+PHASES = ("progressing", "steady", "paused", "promoted", "rolled_back", "unknown_state")
 FLEET_PHASES = (*PHASES, "held")  # held: fleet mode only (the fleet state not read yet)
 UNMATCHED = "(none)"  # route/upstream label of requests no route matched
 
@@ -64,6 +65,7 @@ class ProxyCollector:
         yield _weights(app)
         yield _ejected(app)
         yield from _rollout(app)
+        yield from _durability(app, stats)
         reloads = CounterMetricFamily(
             "canary_proxy_config_reloads", "Config reloads by result.", labels=["result"]
         )
@@ -221,7 +223,7 @@ def _rollout(app: ProxyApp) -> Iterator[Metric]:
         counts.setdefault(cfg.canary, 0)
         state = states.get(cfg.name)
         if state is not None:
-            number = 0 if state.phase in ("steady", "rolled_back") else state.step_index + 1
+            number = 0 if state.phase in ("steady", "rolled_back", "unknown_state") else state.step_index + 1
             step.add_metric([cfg.name, cfg.canary], number)
             for p in FLEET_PHASES if app.fleet is not None else PHASES:
                 phase.add_metric([cfg.name, p], 1.0 if p == state.phase else 0.0)
@@ -229,6 +231,36 @@ def _rollout(app: ProxyApp) -> Iterator[Metric]:
     for upstream, n in sorted(counts.items()):
         rollbacks.add_metric([upstream], n)
     return iter((rollbacks, step, phase, stalled, *analysis_families(app)))
+
+
+def _durability(app: ProxyApp, stats: Stats) -> Iterator[Metric]:
+    """The state file's durability and the proxy's own (local) failures."""
+    local = CounterMetricFamily(
+        "canary_proxy_local_errors",
+        "Requests failed by this proxy's own limits (descriptors, memory, shutdown), not the upstream's.",
+        labels=["kind"],
+    )
+    for kind in LOCAL_KINDS:
+        local.add_metric([kind], stats.local_errors.get(kind, 0))
+    yield local
+    manager = app.controller
+    files = [(c.name or "", c.durability()) for c in manager.controllers.values()] if manager is not None else []
+    stores = [(name, d) for name, d in files if d is not None]
+    if not stores:
+        return
+    durable = GaugeMetricFamily(
+        "canary_proxy_rollout_state_durable",
+        "1 when the state file holds the current rollout state; 0 while a write is failing (retried).",
+        labels=["rollout"],
+    )
+    failures = CounterMetricFamily(
+        "canary_proxy_rollout_state_write_failures", "Failed writes of the rollout state file.", labels=["rollout"]
+    )
+    for name, d in stores:
+        durable.add_metric([name], 1.0 if d["durable"] else 0.0)
+        failures.add_metric([name], d["write_failures"])
+    yield durable
+    yield failures
 
 
 def _per_upstream(name: str, doc: str, counts: dict[str, int], names: list[str]) -> CounterMetricFamily:

@@ -7,6 +7,11 @@ directory only marks the watcher dirty; what decides is the digest of the bytes 
 to, so unrelated files in the same directory (a state file, an access log) never cause a reload.
 Bursts are debounced; a slow poll of the digest is a safety net for missed events (NFS, overlay
 filesystems without inotify).
+
+The data plane comes first: the file is only read off the event loop (a thread), only when it is
+a regular file (a FIFO would block `open`, `/dev/zero` never ends) and only up to `max_size` bytes
+(a bigger file is told apart by size and mtime without reading it). No exception ends the watch:
+each loop logs it and carries on, so later edits and SIGHUP still reload.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 
 import watchfiles
@@ -26,6 +32,7 @@ logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every event
 DEBOUNCE = 0.1  # seconds of quiet before reloading after a burst of events
 POLL_EVERY = 0.5  # safety net for missed events: hashing a small file twice a second is cheap
 RETRY_WATCH = 1.0  # seconds before watching again after the watch failed
+MAX_SIZE = 4 * 1024 * 1024  # bytes hashed at most; the loader refuses bigger files anyway
 
 ReloadFn = Callable[[str], Awaitable[tuple[bool, str]]]
 
@@ -44,6 +51,7 @@ class ConfigWatcher:
         debounce: float = DEBOUNCE,
         poll_every: float = POLL_EVERY,
         known: str | None = None,
+        max_size: int = MAX_SIZE,
     ) -> None:
         self.path = os.path.abspath(path)
         # Not realpath: a ConfigMap's real file lives in a `..<timestamp>` dir that is replaced.
@@ -51,7 +59,8 @@ class ConfigWatcher:
         self.reload = reload
         self.debounce = debounce
         self.poll_every = poll_every
-        self._last_digest = known if known is not None else file_digest(self.path)
+        self.max_size = max_size  # the app updates it when a reload changes max_config_size
+        self._last_digest = known if known is not None else file_digest(self.path, max_size)
         self._dirty = asyncio.Event()
         self._reasons: list[str] = []
         self._stop = asyncio.Event()
@@ -109,20 +118,38 @@ class ConfigWatcher:
                 log.warning("watching %s failed (%s); retrying, polling meanwhile", self.directory, exc)
                 await asyncio.sleep(RETRY_WATCH)
 
+    async def _digest(self) -> str | None:
+        return await asyncio.to_thread(file_digest, self.path, self.max_size)
+
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.poll_every)
-            if file_digest(self.path) != self._last_digest:
-                self._dirty.set()
+            try:
+                if await self._digest() != self._last_digest:
+                    self._dirty.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # MemoryError included: the watch must outlive any one read
+                log.exception("checking %s failed; still watching", self.path)
 
     async def _apply(self) -> None:
+        while True:
+            try:
+                await self._apply_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reloading %s failed; still watching", self.path)
+                await asyncio.sleep(self.debounce)
+
+    async def _apply_once(self) -> None:
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self.debounce)  # let a burst of writes settle
             # Clear before reading: an event from now on means "read again", never "lost".
             self._dirty.clear()
             reasons, self._reasons = self._reasons, []
-            digest = file_digest(self.path)
+            digest = await self._digest()
             if not reasons and digest == self._last_digest:
                 continue
             self._last_digest = digest
@@ -135,10 +162,23 @@ class ConfigWatcher:
                 log.exception("reload failed unexpectedly; the old config keeps serving")
 
 
-def file_digest(path: str) -> str | None:
-    """The digest the config loader records as `source_hash` (None if unreadable)."""
+def file_digest(path: str, max_size: int = MAX_SIZE) -> str | None:
+    """The digest the config loader records as `source_hash` (None if missing or unreadable).
+
+    Blocking: call it in a thread. Something that is not a regular file, or is bigger than
+    `max_size`, is never read: its digest comes from its type, size and mtime (a change still
+    shows, and the reload that follows reports why the file is refused)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:12]
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_size:
+            return f"unreadable:{st.st_mode:o}:{st.st_size}:{st.st_mtime_ns}"
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                fd = -1
+                return hashlib.sha256(f.read(max_size + 1)).hexdigest()[:12]
+        finally:
+            if fd >= 0:
+                os.close(fd)
     except OSError:
         return None

@@ -88,6 +88,8 @@ def rollout_status(app: ProxyApp, name: str | None = None) -> dict[str, Any] | N
         "step_started_at": state.step_started_at if state is not None else None,
         "reason": state.reason if state is not None else None,
         "last_verdict": last,
+        # Is the latch on disk? (a failing write is retried every second until it is)
+        "state_file": ctl.durability() if ctl is not None else None,
     }
 
 

@@ -58,6 +58,7 @@ def counters_snapshot(stats: Stats) -> dict[str, Any]:
         "rejected": stats.rejected,
         "retries": stats.retries,
         "ejections": stats.ejections,
+        "local_errors": stats.local_errors,
         "routes": [[rc.route, rc.upstream, rc.by_class] for rc in stats.route_counts.values()],
         "upstreams": {
             name: {
@@ -84,9 +85,9 @@ def merged_stats(own: Stats, peers: list[dict[str, Any]]) -> Stats:
     for snap in [counters_snapshot(own), *peers]:
         out.in_flight += int(snap["in_flight"])
         out.rejected += int(snap["rejected"])
-        for key in ("retries", "ejections"):
+        for key in ("retries", "ejections", "local_errors"):
             dst: dict[str, int] = getattr(out, key)
-            for name, n in snap[key].items():
+            for name, n in snap.get(key, {}).items():
                 dst[name] = dst.get(name, 0) + int(n)
         for route, upstream, by_class in snap["routes"]:
             rc = out.route_counts.setdefault((route, upstream), RouteCounts(route, upstream))
@@ -151,6 +152,13 @@ class LeaderSync:
                 window.merge_slice(int(stamp), int(requests), int(errors), counts)
         trip = body.get("trip")
         controller = app.controller
+        theirs = body.get("states")
+        if isinstance(theirs, dict) and theirs and controller is not None:
+            # A restarted leader must not forget what its followers still hold (a rollback).
+            try:
+                controller.offer({str(k): state_from_dict(v) for k, v in theirs.items()})
+            except ValueError as exc:
+                log.warning("worker %d sent an unusable rollout state: %s", index, exc)
         if trip and controller is not None:
             rollout = body.get("trip_rollout")
             controller.trip(
@@ -217,6 +225,7 @@ class FollowerSync:
             "slices": {k: v for k, v in slices.items() if v},
             "trip": trip,
             "trip_rollout": self.trip_rollout if trip else None,
+            "states": {name: state_to_dict(s) for name, s in self.app.remote_states.items()},
         }
 
     async def _run(self) -> None:

@@ -159,7 +159,12 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     procs: list[ProxyProcess] = []
 
     def start(
-        text: str, name: str = "canary.yaml", args: tuple[str, ...] = (), timeout: float = 15.0
+        text: str,
+        name: str = "canary.yaml",
+        args: tuple[str, ...] = (),
+        timeout: float = 15.0,
+        prefix: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> ProxyProcess:
         port, admin = free_port(), free_port()
         text = text.replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
@@ -167,12 +172,12 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         path = tmp_path / name
         path.write_text(text)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(path), *args],
+            [*prefix, sys.executable, "-m", "proxy", "run", "-c", str(path), *args],  # prefix: e.g. prlimit
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,  # teardown signals the whole group (`--workers` children too)
         )
         pp = ProxyProcess(proc, port, admin, path)

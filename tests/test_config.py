@@ -315,7 +315,8 @@ BAD = [
         'lisen: unknown key; did you mean "listen"? (allowed: listen, admin, upstreams, routes, '
         "timeouts, limits, rollout, metrics, access_log, retries, outlier_detection, trusted_proxies,"
         " admin_token, "
-        "admin_token_file, shutdown_grace, rollouts, fleet, via) (line 10)",
+        "admin_token_file, admin_hosts, admin_insecure, admin_max_connections, admin_header_timeout,"
+        " shutdown_grace, rollouts, fleet, via, max_config_size) (line 10)",
     ),
     (
         BASE + "timeouts: {conect: 1s}\n",
@@ -698,7 +699,8 @@ bogus: 1
         'timeouts.connect: invalid duration "2x" (use e.g. 500ms, 2s, 1m) (line 15)',
         "bogus: unknown key (allowed: listen, admin, upstreams, routes, timeouts, limits, rollout, metrics, "
         "access_log, retries, outlier_detection, trusted_proxies, admin_token, admin_token_file, "
-        "shutdown_grace, rollouts, fleet, via) (line 16)",
+        "admin_hosts, admin_insecure, admin_max_connections, admin_header_timeout, "
+        "shutdown_grace, rollouts, fleet, via, max_config_size) (line 16)",
     ]
 
 

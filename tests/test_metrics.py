@@ -96,7 +96,14 @@ async def test_exposition_parses_and_has_every_family(app: ProxyApp) -> None:
     phases = {
         dict(labels)["phase"]: v for (name, labels), v in s.items() if name == "canary_proxy_rollout_phase"
     }
-    assert phases == {"progressing": 1.0, "steady": 0.0, "paused": 0.0, "promoted": 0.0, "rolled_back": 0.0}
+    assert phases == {
+        "progressing": 1.0,
+        "steady": 0.0,
+        "paused": 0.0,
+        "promoted": 0.0,
+        "rolled_back": 0.0,
+        "unknown_state": 0.0,
+    }
     assert value(s, "canary_proxy_upstream_weight", route="beta", upstream="canary") == 100.0
     assert value(s, "canary_proxy_upstream_weight", route="api", upstream="stable") == 90.0
     assert value(s, "canary_proxy_upstream_weight", route="api", upstream="canary") == 10.0

@@ -61,6 +61,7 @@ PROXY_METRICS = {
     "canary_proxy_analysis_last_evaluation_timestamp_seconds",
     "canary_proxy_analysis_check_value",
     "canary_proxy_analysis_check_status",
+    "canary_proxy_local_errors_total",
 } | {f"canary_proxy_request_duration_seconds_{s}" for s in ("bucket", "sum", "count")}
 # Series that exist only with data: a p99 needs requests in the window, check series need `checks:`.
 SOMETIMES = {
@@ -447,12 +448,18 @@ tests:
         values: '1x60'
       - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",rollout="done",phase="progressing"}'
         values: '0x60'
+      - series: 'canary_proxy_rollout_phase{job="canary-proxy",instance="p",phase="rolled_back"}'
+        values: '0x3 1x60 0x10'
     alert_rule_test:
       - {eval_time: 2m, alertname: CanaryRolledBack, exp_alerts: []}
       - eval_time: 6m
         alertname: CanaryRolledBack
-        exp_alerts: [{exp_labels: {severity: warning, job: canary-proxy, instance: p, upstream: canary}}]
-      - {eval_time: 30m, alertname: CanaryRolledBack, exp_alerts: []}
+        exp_alerts: [{exp_labels: {severity: warning, job: canary-proxy, instance: p, phase: rolled_back}}]
+      # Still rolled back after 50 minutes: still firing (the latch holds); cleared by reset.
+      - eval_time: 50m
+        alertname: CanaryRolledBack
+        exp_alerts: [{exp_labels: {severity: warning, job: canary-proxy, instance: p, phase: rolled_back}}]
+      - {eval_time: 70m, alertname: CanaryRolledBack, exp_alerts: []}
       - {eval_time: 4m, alertname: CanaryProxyConfigReloadFailing, exp_alerts: []}
       - eval_time: 7m
         alertname: CanaryProxyConfigReloadFailing

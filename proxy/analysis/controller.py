@@ -86,6 +86,7 @@ class RolloutController:
         self._pending_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
+        self._fresh = False  # started without a saved state: a follower's newer state wins
         self.events: deque[RolloutEvent] = deque(maxlen=MAX_EVENTS)
         self._notifier: Notifier | None = None
         self._gates = GateRunner()
@@ -163,6 +164,7 @@ class RolloutController:
 
     def evaluate(self, now: float | None = None) -> Verdict | None:
         """One tick: judge the windows and apply the verdict. Returns the verdict (None: no rollout)."""
+        self._retry_save()
         rollout = self._rollout()
         state = self._state
         if rollout is None or state is None:
@@ -176,7 +178,7 @@ class RolloutController:
         self._tune_canary(rollout, state, evidence)
         verdict = judge_evidence(evidence, judging(rollout, state))
         canary, baseline = full_windows(evidence)
-        if rollout.checks and state.phase not in ("rolled_back", "promoted"):
+        if rollout.checks and state.phase not in ("rolled_back", "promoted", "unknown_state"):
             verdict = combine(verdict, self._checks.poll(rollout, now))
         self._last_verdict = verdict
         self._last_verdict_at = now
@@ -243,6 +245,32 @@ class RolloutController:
         self._adopt(self._state, rollout, notify=False)  # None: a rollout added by a reload
         return self._state
 
+    def preload(self, config: Config) -> RolloutState | None:
+        """Read the state file of a rollout that `config` adds, before a reload commits, without
+        touching anything (a bad file is only set aside by the commit). Never raises."""
+        rollout = self._rollout(config)
+        if rollout is None or not rollout.state_file:
+            return None
+        if not isinstance(self._store, FileStore):
+            return None  # another store (the fleet's) keeps its own state: nothing to read here
+        state = self._store.peek(rollout)
+        if state is not None and state.phase == "unknown_state" and state.canary_version is None:
+            up = config.upstreams.get(rollout.canary)
+            state = replace(state, canary_version=up.version if up is not None else None)
+        return state
+
+    def durability(self) -> dict[str, Any] | None:
+        """Whether the state file holds the current state (None: no state file, or another store)."""
+        rollout = self._rollout()
+        if rollout is None or not isinstance(self._store, FileStore):
+            return None
+        return self._store.durability(rollout)
+
+    def _retry_save(self) -> None:
+        rollout = self._rollout()
+        if rollout is not None and isinstance(self._store, FileStore):
+            self._store.retry(rollout)  # a latch that did not reach the disk yet: every tick
+
     def record_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         """Add an event from elsewhere (e.g. a reload) to the log and the /status list."""
         event = RolloutEvent(kind, self._clock(), message, dict(data or {}), self.name)
@@ -270,7 +298,25 @@ class RolloutController:
             if verdict is None
             else {"kind": verdict.kind, "reason": verdict.reason, "figures": verdict.figures.as_dict()},
             "events": [e.to_dict() for e in self.events],
+            "state_file": self.durability(),
         }
+
+    def offer(self, state: RolloutState) -> bool:
+        """A worker's copy of the state (`--workers`): adopt it when it is newer than ours, or when
+        we started without a saved state (a restarted leader must not forget a rollback)."""
+        rollout = self._rollout()
+        own = self._state
+        if rollout is None or own is None or state == own:
+            return False
+        if (state.canary, state.canary_version) != (own.canary, own.canary_version):
+            return False
+        if not (self._fresh or state.changed_at > own.changed_at):
+            return False
+        log.warning("adopting a worker's newer rollout state (%s, was %s)", state.phase, own.phase)
+        self._fresh = False
+        new = self._store.resolve(state, rollout, own.canary_version, self._clock())
+        self._apply(new, [])
+        return True
 
     async def stop(self) -> None:
         """Flush pending fast-fail work, close the webhook(s) and wait for our tasks."""
@@ -317,6 +363,7 @@ class RolloutController:
         version = up.version if up is not None else None
         if saved is None:
             saved = self._store.load(rollout)
+            self._fresh = saved is None  # nothing kept: a worker's newer state may win (offer)
         new = self._store.resolve(saved, rollout, version, now)
         events: list[RolloutEvent] = []
         if saved is not None and (saved.canary, saved.canary_version) != (new.canary, new.canary_version):
@@ -347,6 +394,7 @@ class RolloutController:
         changed = new != self._state
         self._state = new
         if changed:
+            self._fresh = False
             self._save(new, latch=latch)
             self._arm()
             self._notify(new)

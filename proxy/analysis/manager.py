@@ -204,6 +204,24 @@ class RolloutManager:
         self.controllers = {name: self.controllers[name] for name in names}
         return self.states
 
+    def preload(self, config: Config) -> dict[str, RolloutState]:
+        """The saved states of the rollouts `config` adds, read before a reload commits (a bad
+        file gives a held state, nothing is moved yet). Never raises."""
+        out: dict[str, RolloutState] = {}
+        for rollout in config.rollouts:
+            if rollout.name not in self.controllers:
+                state = self._make(rollout.name).preload(config)
+                if state is not None:
+                    out[rollout.name] = state
+        return out
+
+    def offer(self, states: Mapping[str, RolloutState]) -> None:
+        """A worker's copies of the states (`--workers`): each controller takes its own if newer."""
+        for name, state in states.items():
+            c = self.controllers.get(name)
+            if c is not None:
+                c.offer(state)
+
     def _retire(self, c: RolloutController) -> None:
         try:
             loop = asyncio.get_running_loop()

@@ -7,11 +7,12 @@ same pure decisions. Every method takes the rollout, so several named rollouts s
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from dataclasses import replace
+from typing import Any, Literal, Protocol
 
 from proxy.analysis.evidence import gather
 from proxy.analysis.rollout import RolloutEvent, RolloutState, reconcile
-from proxy.analysis.statefile import load_state, save_state
+from proxy.analysis.statestore import DurableStateFile
 from proxy.analysis.verdict import Evidence
 from proxy.analysis.window import WindowStats
 from proxy.config.model import Rollout
@@ -98,16 +99,33 @@ class AlwaysDecide:
 
 
 class FileStore:
-    """The state file of each rollout (`rollout.state_file`), written atomically."""
+    """The state file of each rollout (`rollout.state_file`), written atomically; a failed write is
+    retried (`retry`, every tick) and a bad file holds the rollout (see proxy.analysis.statestore)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, DurableStateFile] = {}  # by rollout name
+
+    def _file(self, rollout: Rollout) -> DurableStateFile:
+        f = self._files.get(rollout.name)
+        if f is None or f.path != rollout.state_file:
+            f = self._files[rollout.name] = DurableStateFile(rollout.state_file)
+        return f
 
     def load(self, rollout: Rollout) -> RolloutState | None:
-        """The state file's state, if any."""
-        return load_state(rollout.state_file) if rollout.state_file else None
+        """The state file's state, if any; a held `unknown_state` when the file is unusable (moved aside)."""
+        return self._file(rollout).load(rollout.canary, None)
+
+    def peek(self, rollout: Rollout) -> RolloutState | None:
+        """Like `load`, without moving a bad file aside (a reload before its commit)."""
+        return DurableStateFile(rollout.state_file).load(rollout.canary, None, set_aside=False)
 
     def resolve(
         self, saved: RolloutState | None, rollout: Rollout, canary_version: str | None, now: float
     ) -> RolloutState:
-        """Reconcile `saved` with the config (a new canary version starts afresh)."""
+        """Reconcile `saved` with the config (a new canary version starts afresh). A held state
+        read from a bad file knows no version: it holds the version configured now."""
+        if saved is not None and saved.phase == "unknown_state" and saved.canary_version is None:
+            saved = replace(saved, canary_version=canary_version)
         return reconcile(saved, rollout, canary_version, now)
 
     def commit(
@@ -121,6 +139,15 @@ class FileStore:
         self.save(rollout, state)
 
     def save(self, rollout: Rollout, state: RolloutState) -> None:
-        """Write the state file; raises OSError (the controller logs it)."""
+        """Write the state file; a failure stays pending (logged, retried by `retry`)."""
         if rollout.state_file:
-            save_state(rollout.state_file, state)
+            self._file(rollout).save(state)
+
+    def retry(self, rollout: Rollout) -> None:
+        """Write a pending state (a failed write) again."""
+        if rollout.state_file:
+            self._file(rollout).retry()
+
+    def durability(self, rollout: Rollout) -> dict[str, Any] | None:
+        """/status and /metrics: is the latch on disk? None without a state file."""
+        return self._file(rollout).status() if rollout.state_file else None

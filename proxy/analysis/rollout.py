@@ -8,6 +8,8 @@ Phases:
 - "rolled_back": latched: the canary gets nothing until `reset` or a new canary version;
 - "held": fleet mode only, never stored: this replica has not read the fleet's state yet (or it is for
   another canary version), so splits give the canary nothing; `to: canary` routes still go to it.
+- "unknown_state": the state file could not be read; held like a rollback (the canary gets
+  nothing, no decisions) until `reset` or a new canary version, so a lost latch never un-latches.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Literal
 from proxy.analysis.verdict import Breach, Healthy, Verdict
 from proxy.config.model import Rollout
 
-Phase = Literal["progressing", "steady", "paused", "promoted", "rolled_back", "held"]
+Phase = Literal["progressing", "steady", "paused", "promoted", "rolled_back", "held", "unknown_state"]
+LATCHED: tuple[Phase, ...] = ("rolled_back", "unknown_state")  # the canary gets nothing, `to:` included
 Command = Literal["pause", "resume", "promote", "rollback", "reset"]
 COMMANDS: tuple[Command, ...] = ("pause", "resume", "promote", "rollback", "reset")
 JSONScalar = float | int | str | bool | None
@@ -119,7 +122,7 @@ def ladder_weight(state: RolloutState | None, cfg: Rollout | None) -> float | No
     """The canary's share the state stands for, whatever the mode."""
     if state is None or cfg is None:
         return None
-    if state.phase in ("rolled_back", "held"):
+    if state.phase in ("rolled_back", "held", "unknown_state"):
         return 0.0
     if state.phase == "promoted":
         return 100.0
@@ -137,7 +140,7 @@ def on_verdict(
     A weight or analysis step is done when healthy and its interval is over; a timed pause when
     its time is over; a pause without a duration only by `promote`; a gate when `gate_open` (its
     webhook answered 2xx for this step)."""
-    if state.phase in ("rolled_back", "promoted"):
+    if state.phase in ("rolled_back", "promoted", "unknown_state"):
         return state, []
     record = VerdictRecord(verdict.kind, verdict.reason, now)
     figures = verdict.figures.as_dict()
@@ -253,6 +256,8 @@ def on_command(
         return _trip(state, cfg, now, f"manual rollback{why}", {}, None)
     if state.phase == "rolled_back":
         raise CommandError(f"cannot {command}: rolled back ({state.reason}); reset first")
+    if state.phase == "unknown_state":
+        raise CommandError(f"cannot {command}: the saved state is unknown ({state.reason}); reset first")
     if command == "pause":
         if state.phase == "paused":
             return state, []
@@ -290,8 +295,8 @@ def on_command(
 def trip(
     state: RolloutState, cfg: Rollout, now: float, reason: str, data: Mapping[str, JSONScalar]
 ) -> tuple[RolloutState, list[RolloutEvent]]:
-    """Roll back now (fast-fail path); a no-op when already rolled back or promoted."""
-    if state.phase in ("rolled_back", "promoted"):
+    """Roll back now (fast-fail path); a no-op when already rolled back, promoted or held."""
+    if state.phase in ("rolled_back", "promoted", "unknown_state"):
         return state, []
     return _trip(state, cfg, now, reason, data, None)
 
@@ -347,7 +352,7 @@ def effective_split(
         return route_split
     total = sum(w for _, w in route_split)
     entries = list(route_split)
-    if state.phase == "rolled_back":
+    if state.phase in LATCHED:
         share = sum(w for name, w in entries if name == cfg.canary)
         out = [(name, 0.0 if name == cfg.canary else w) for name, w in entries]
         return _give(out, cfg.baseline, share)
@@ -395,6 +400,6 @@ def effective_target(to: str, cfg: Rollout | None, state: RolloutState | None) -
     """A route's `to` upstream, given the rollout: the canary goes to the baseline when rolled back."""
     if cfg is None or cfg.mode == "observe":
         return to
-    if state is not None and state.phase == "rolled_back" and to == cfg.canary:
+    if state is not None and state.phase in LATCHED and to == cfg.canary:
         return cfg.baseline
     return to

@@ -7,9 +7,12 @@ the first problem so one run shows them all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import ipaddress
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
@@ -49,6 +52,7 @@ from proxy.config.units import (
     parse_address,
     parse_endpoint,
     parse_network,
+    parse_size,
     parse_status,
     parse_webhook,
     same_socket,
@@ -61,8 +65,9 @@ TOKEN_ENV = "CANARY_PROXY_ADMIN_TOKEN"
 DEFAULT_ADMIN = Address("127.0.0.1", 9901)
 TOP_KEYS = (
     "listen", "admin", "upstreams", "routes", "timeouts", "limits", "rollout", "metrics", "access_log",
-    "retries", "outlier_detection", "trusted_proxies", "admin_token", "admin_token_file", "shutdown_grace",
-    "rollouts", "fleet", "via",
+    "retries", "outlier_detection", "trusted_proxies", "admin_token", "admin_token_file",
+    "admin_hosts", "admin_insecure", "admin_max_connections", "admin_header_timeout", "shutdown_grace",
+    "rollouts", "fleet", "via", "max_config_size",
 )  # fmt: skip
 ROUTE_KEYS = ("name", "match", "to", "split", "sticky", "max_body_size", "mirror")
 MATCH_KEYS = ("headers", "cookies", "query", "path_prefix", "methods", "host")
@@ -72,17 +77,76 @@ MATCH_KINDS = ("exact", "prefix", "suffix", "contains", "regex", "present")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: header, cookie, method names
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _EMPTY_MATCH = "match must not be empty; omit it to match everything"
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?")
+MAX_CONFIG_SIZE = 4 * 1024 * 1024
+SIZE_ENV = "CANARY_PROXY_MAX_CONFIG_SIZE"  # the cap of the first read (the file's own key: reloads)
 
 
-def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
+def _host_name(text: str) -> str:
+    """An `admin_hosts` entry: a DNS name or an IP address, without port."""
+    name = text.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(name))
+    if len(name) > 253 or not _HOST_NAME.fullmatch(name):
+        raise ValueError(f'invalid host name "{text}" (a DNS name or IP address, without port)')
+    return name.rstrip(".")
+
+
+def read_config_bytes(path: str, max_size: int | None = None) -> bytes:
+    """The file's bytes: only a regular file (after following symlinks), at most `max_size` bytes.
+    Raises ConfigError. Opened non-blocking, so a FIFO in its place never hangs the caller."""
+    limit = max_size if max_size is not None else _env_size()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError([f"cannot read config file: {e.strerror or e}"], path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError([f"cannot read config file: {_file_kind(st.st_mode)}"], path)
+        if st.st_size > limit:
+            raise ConfigError([f"config file too big: {st.st_size} bytes, the limit is {limit}"], path)
+        chunks: list[bytes] = []
+        got = 0
+        while got <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if got > limit:  # it grew while we read
+            raise ConfigError([f"config file too big: over {limit} bytes"], path)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError([f"cannot read config file: {e.strerror or e}"], path) from None
+    finally:
+        os.close(fd)
+
+
+def _env_size() -> int:
+    raw = os.environ.get(SIZE_ENV, "")
+    try:
+        return parse_size(raw) if raw else MAX_CONFIG_SIZE
+    except ValueError:
+        return MAX_CONFIG_SIZE
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "Is a directory"  # what reading one used to say (strerror of EISDIR)
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special"
+    return f"not a regular file ({kind})"
+
+
+def load_config(path: str, env: Mapping[str, str] | None = None, max_size: int | None = None) -> Config:
     """Read and validate the config file at `path`. Raises ConfigError only.
 
     `env` (default os.environ) supplies CANARY_PROXY_ADMIN_TOKEN when the file sets no token.
+    `max_size` caps the file (default: CANARY_PROXY_MAX_CONFIG_SIZE, else 4 MiB).
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError([f"cannot read config file: {e.strerror or e}"], path) from None
+    data = read_config_bytes(path, max_size)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -123,6 +187,15 @@ def _cookie_domain(text: str) -> str:
 
 
 def _parse(text: str, source: str, env: Mapping[str, str] | None) -> Config:
+    try:
+        return _parse_unguarded(text, source, env)
+    except RecursionError:
+        raise ConfigError(["config nested too deeply"], source) from None
+    except (ValueError, OverflowError, MemoryError) as e:  # e.g. an int beyond Python's digit limit
+        raise ConfigError([f"invalid value: {str(e)[:200]}"], source) from None
+
+
+def _parse_unguarded(text: str, source: str, env: Mapping[str, str] | None) -> Config:
     errors = Errors()
     node = compose(text, errors)
     if node is None or root_value(node).is_null:
@@ -173,6 +246,11 @@ class _Parser:
             shutdown_grace=self.opt(top.get("shutdown_grace"), 20.0, self.grace),
             fleet=read_fleet(r, top["fleet"]) if "fleet" in top else None,
             via=self.via(top["via"]) if "via" in top else None,
+            admin_hosts=self.opt(top.get("admin_hosts"), (), self.admin_hosts),
+            admin_insecure=self.opt(top.get("admin_insecure"), False, r.boolean),
+            admin_max_connections=self.opt(top.get("admin_max_connections"), 64, lambda x: r.integer(x, 1, 10_000)),
+            admin_header_timeout=self.opt(top.get("admin_header_timeout"), 10.0, r.duration),
+            max_config_size=self.opt(top.get("max_config_size"), MAX_CONFIG_SIZE, lambda x: r.size(x, lo=1024)),
         )
 
     def via(self, v: Value) -> str | None:
@@ -581,6 +659,10 @@ class _Parser:
             else:
                 r.error(m["base_ejection_time"], f"must be <= max_ejection_time ({fmt_duration(top)})")
         return out
+
+    def admin_hosts(self, v: Value) -> tuple[str, ...] | None:
+        hosts = self.r.list_of(v, _host_name)
+        return None if hosts is None else tuple(dict.fromkeys(hosts))
 
     def admin_token(self, inline: Value | None, file: Value | None) -> str | None:
         r = self.r

@@ -283,6 +283,11 @@ class Config:
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* we keep
     admin_token: str | None = None  # resolved value (from admin_token_file / env / inline)
+    admin_hosts: tuple[str, ...] = ()  # extra Host names the admin API answers to (lower-cased)
+    admin_insecure: bool = False  # allow a non-loopback admin listener without a token
+    admin_max_connections: int = 64  # the admin listener's own descriptor budget
+    admin_header_timeout: float = 10.0  # an admin request head must arrive within this
+    max_config_size: int = 4 * 1024 * 1024  # bytes; bigger config files are refused
     shutdown_grace: float = 20.0
     fleet: Fleet | None = None  # None: no Redis anywhere
     via: str | None = None  # Via pseudonym; None: `canary-proxy`, "": no Via

@@ -78,10 +78,50 @@ class Errors:
         return [text for _, _, text in sorted(self._items)]
 
 
+MAX_DEPTH = 64  # a real config nests about 6 levels
+MAX_NODES = 200_000  # nodes visited with aliases expanded: bounds anchor and merge-key bombs
+_KNOWN_COLLECTION_TAGS: dict[type[Node], str] = {
+    MappingNode: "tag:yaml.org,2002:map",
+    SequenceNode: "tag:yaml.org,2002:seq",
+}
+
+
+def check_tree(root: Node, errors: Errors) -> bool:
+    """Refuse unknown collection tags (`!!python/object` on a mapping), deep nesting, alias bombs.
+
+    Walks the tree with aliases expanded (they are shared node objects), without recursion, and
+    stops at MAX_NODES, so a small file that would expand to millions of nodes costs nothing."""
+    stack: list[tuple[Node, int]] = [(root, 1)]
+    visited = 0
+    while stack:
+        node, depth = stack.pop()
+        visited += 1
+        line = node.start_mark.line + 1
+        if visited > MAX_NODES:
+            errors.add(None, f"too many nodes once anchors and merges are expanded (over {MAX_NODES})")
+            return False
+        if depth > MAX_DEPTH:
+            errors.add(None, f"nested too deeply (over {MAX_DEPTH} levels)", line=line)
+            return False
+        if isinstance(node, ScalarNode):
+            continue  # scalar tags are checked where they are read, with their key path
+        if node.tag != _KNOWN_COLLECTION_TAGS.get(type(node)):
+            errors.add(None, f"unknown or unsupported YAML tag {node.tag}", line=line)
+            return False
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+        elif isinstance(node, SequenceNode):
+            stack.extend((item, depth + 1) for item in node.value)
+    return True
+
+
 def compose(text: str, errors: Errors) -> Node | None:
     """Parse YAML to a node tree; syntax errors are recorded with their line."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        return node if node is None or check_tree(node, errors) else None
     except yaml.MarkedYAMLError as e:
         problem = e.problem or "syntax error"
         if e.context:
@@ -265,12 +305,15 @@ class Reader:
         except ConstructorError as e:
             self.error(v, f"invalid value: {e.problem}")
             return None
+        except (ValueError, OverflowError) as e:  # e.g. an integer beyond Python's 4,300-digit limit
+            self.error(v, f"invalid value: {str(e).split(';')[0][:120]}")
+            return None
 
     def _describe(self, v: Value) -> str:
         if isinstance(v.node, ScalarNode):
             try:
                 return describe(v.node, self._constructor.construct_object(v.node, deep=True))
-            except ConstructorError:
+            except (ConstructorError, ValueError, OverflowError):
                 return "value"
         return describe(v.node)
 

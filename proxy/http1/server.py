@@ -106,7 +106,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0] if peer else "unknown").encode()
         plane.clients.add(self)
-        if len(plane.clients) > plane.snapshot.config.limits.max_connections or plane.draining:
+        if plane.draining or not plane.admit():
             transport.write(H.error_response(503, True, plane.new_request_id(), plane.via_line))
             self.close()
             return

@@ -401,3 +401,12 @@ class PoolRegistry:
     def close_all(self) -> None:
         for pool in self.pools.values():
             pool.retire()
+
+    def trim_idle(self, n: int) -> int:
+        """Close up to `n` idle pooled connections, oldest first (their descriptors are needed)."""
+        closed = 0
+        for pool in self.pools.values():
+            while pool.idle and closed < n:
+                pool.idle.pop(0).close()
+                closed += 1
+        return closed
