@@ -35,8 +35,8 @@ demo: setup
 	$(PYTHON) -m proxy demo
 
 lint: setup
-	$(VENV)/bin/ruff check proxy tests loadtests
-	$(VENV)/bin/mypy --strict proxy
+	$(VENV)/bin/ruff check src tests loadtests
+	$(VENV)/bin/mypy --strict src/proxy
 	$(VENV)/bin/hadolint Dockerfile
 
 # The whole test suite (what CI runs).
@@ -65,4 +65,4 @@ rollback-time: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache loadtests/.work
-	find proxy -name '*.so' -delete; rm -f proxy/.native-stamp
+	find src/proxy -name '*.so' -delete; rm -f src/proxy/.native-stamp

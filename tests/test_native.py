@@ -44,7 +44,7 @@ def _probe(cwd: Path, **env: str) -> tuple[str, list[str]]:
 
 
 def _copy_package(dst: Path) -> Path:
-    shutil.copytree(ROOT / "proxy", dst / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "src" / "proxy", dst / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
     return dst / "proxy"
 
 
