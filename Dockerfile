@@ -23,7 +23,7 @@ ENV PATH="/opt/venv/bin:$PATH"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY src/ ./src/
+COPY src/proxy/ ./src/proxy/
 # Compile the hot path in the source tree with a throw-away toolchain venv (`.[native]`: mypy),
 # then install the package, compiled modules included, into the runtime venv and check that
 # they are the ones in use.

@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 
 from proxy.analysis.evidence import gather
 from proxy.analysis.rollout import initial_state
+from proxy.analysis.stats import Stats
 from proxy.analysis.verdict import Breach, judge_evidence
 from proxy.config.model import Metrics, Rollout, Thresholds
-from proxy.stats import Stats
 
 MEDIAN = 0.020  # seconds
 BUCKETS = Metrics().buckets

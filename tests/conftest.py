@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.app import ProxyApp
 from proxy.config import load_config
+from proxy.control.app import ProxyApp
 
 ROOT = Path(__file__).resolve().parent.parent
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

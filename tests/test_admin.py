@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from conftest import Upstream, config_text
 
-from proxy.app import ProxyApp
 from proxy.config import parse_config
+from proxy.control.app import ProxyApp
 
 StartProxy = Callable[..., Awaitable[ProxyApp]]
 StartUpstream = Callable[..., Awaitable[Upstream]]

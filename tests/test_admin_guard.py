@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Upstream, config_text
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 from tests.test_admin import ROLLOUT, ROUTES, TOKEN, admin, fetch
 
 StartProxy = Callable[..., Awaitable[ProxyApp]]

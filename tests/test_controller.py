@@ -17,10 +17,10 @@ from aiohttp.test_utils import TestServer
 from proxy.analysis.controller import RolloutController
 from proxy.analysis.rollout import CommandError, RolloutState
 from proxy.analysis.statefile import load_state, save_state
+from proxy.analysis.stats import Stats
 from proxy.analysis.verdict import Breach
 from proxy.analysis.webhook import WebhookSender
 from proxy.config.model import Address, Config, Endpoint, FastFail, Rollout, Route, Upstream
-from proxy.stats import Stats
 
 
 class Clock:

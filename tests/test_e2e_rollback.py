@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 from tests.conftest import ROOT, ProxyProcess, Upstream, config_text
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.app import ProxyApp
 from proxy.config import ConfigError, parse_config
 from proxy.config.fleet import parse_redis_url
+from proxy.control.app import ProxyApp
 from proxy.fleet import keys as K
 from tests.conftest import ROOT, ProxyProcess, Upstream, config_text, free_port
 from tests.fleet_support import (
@@ -76,11 +76,11 @@ async def test_without_fleet_no_redis_anywhere(
     stable, canary = await upstream_factory("stable"), await upstream_factory("canary")
     app = await proxy_factory(config_text(stable.url, canary.url, "rollout: {canary: canary, baseline: stable}\n"))
     assert app.fleet is None
-    from proxy.status import build_status
+    from proxy.control.status import build_status
 
     assert "fleet" not in build_status(app)
     assert app.admin is not None
-    from proxy.metrics import render
+    from proxy.control.metrics import render
 
     assert b"canary_proxy_fleet_" not in render(app.admin.registry)
 

@@ -20,7 +20,7 @@ from conftest import LoggingUpstream, RawClient, config_text, fd_count, wait_unt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 LogFactory = Callable[[], Awaitable[LoggingUpstream]]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import LoggingUpstream, RawClient, config_text, wait_until
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 LogFactory = Callable[[], Awaitable[LoggingUpstream]]

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from conftest import LoggingUpstream, RawClient, RawUpstream, config_text, read_request, wait_until
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 RawFactory = Callable[..., Awaitable[RawUpstream]]

@@ -26,7 +26,7 @@ from conftest import (
     wait_until,
 )
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 RawFactory = Callable[..., Awaitable[RawUpstream]]

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from conftest import LoggingUpstream, RawClient, RawUpstream, config_text, read_head, read_request, wait_until
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 LogFactory = Callable[[], Awaitable[LoggingUpstream]]

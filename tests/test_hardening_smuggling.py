@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import LoggingUpstream, RawClient, config_text, wait_until
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 LogFactory = Callable[[], Awaitable[LoggingUpstream]]

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import RawClient, RawMessage, RawUpstream, config_text, read_request, wait_until
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 RawFactory = Callable[..., Awaitable[RawUpstream]]

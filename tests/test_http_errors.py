@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from conftest import RawClient, RawUpstream, Upstream, config_text, free_port, read_head, read_request
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 RawFactory = Callable[..., Awaitable[RawUpstream]]

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from conftest import RawClient, RawMessage, RawUpstream, Upstream, config_text, read_request, read_response
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 RawFactory = Callable[..., Awaitable[RawUpstream]]

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import RawClient, Upstream, config_text
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import RawClient, Upstream, config_text
 
-from proxy.app import ProxyApp
-from proxy.router import BUCKETS, sticky_bucket
+from proxy.control.app import ProxyApp
+from proxy.routing.router import BUCKETS, sticky_bucket
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 

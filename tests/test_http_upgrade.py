@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 from conftest import RawClient, RawMessage, RawUpstream, Upstream, config_text, read_head, read_request
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 RawFactory = Callable[..., Awaitable[RawUpstream]]

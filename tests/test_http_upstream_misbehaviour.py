@@ -14,9 +14,9 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from proxy.app import ProxyApp
+from proxy.analysis.stats import KIND_PROTOCOL
 from proxy.config import ConfigError, parse_config
-from proxy.stats import KIND_PROTOCOL
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 RawFactory = Callable[..., Awaitable[RawUpstream]]
@@ -237,7 +237,7 @@ def test_patterns_re2_cannot_run_are_refused_with_their_key_path(pattern: str) -
 
 
 def test_regex_keeps_fullmatch_semantics() -> None:
-    from proxy.saferegex import compile_fullmatch
+    from proxy.config.saferegex import compile_fullmatch
 
     test = compile_fullmatch("beta-[0-9]+")
     assert test(b"beta-12") and not test(b"beta-12x") and not test(b"xbeta-12")

@@ -13,9 +13,9 @@ from aiohttp import web
 from conftest import Upstream, config_text, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import ProxyApp
 from proxy.config import parse_config
-from proxy.metrics import CONTENT_TYPE, ProxyCollector, make_registry, render
+from proxy.control.app import ProxyApp
+from proxy.control.metrics import CONTENT_TYPE, ProxyCollector, make_registry, render
 
 StartProxy = Callable[..., Awaitable[ProxyApp]]
 StartUpstream = Callable[..., Awaitable[Upstream]]

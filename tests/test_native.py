@@ -66,13 +66,13 @@ def test_an_edited_source_is_never_shadowed_by_a_stale_build(tmp_path: Path) -> 
     pkg = _copy_package(tmp_path)
     state, files = _probe(tmp_path)
     assert state == "compiled (mypyc)", "the copy should start out current"
-    server = pkg / "http1" / "server.py"
+    server = pkg / "dataplane" / "legs" / "http1_client.py"
     server.write_text(server.read_text() + "\nEDITED = True\n")
     state, files = _probe(tmp_path)
     assert "stale" in state
     assert all(f.endswith(".py") for f in files), files
     out = subprocess.run(
-        [sys.executable, "-c", "import proxy.http1.server as s; print(s.EDITED)"],
+        [sys.executable, "-c", "import proxy.dataplane.legs.http1_client as s; print(s.EDITED)"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
         capture_output=True,

@@ -31,7 +31,7 @@ K8S = ROOT / "config" / "kubernetes"
 ALERTS = ROOT / "config" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "config" / "grafana" / "canary-proxy-dashboard.json"
 UNIT = ROOT / "config" / "systemd" / "canary-proxy.service"
-STATUS_HTML = ROOT / "src" / "proxy" / "static" / "status.html"
+STATUS_HTML = ROOT / "src" / "proxy" / "control" / "static" / "status.html"
 DOCS = ROOT / "README.md"
 
 IMAGE_CONFIG = "/etc/canary-proxy/canary.yaml"
@@ -155,8 +155,8 @@ async def test_live_metrics_match_the_dashboards_view() -> None:
     """A real proxy's /metrics carries exactly PROXY_METRICS and every label the queries group by."""
     from aiohttp import ClientSession, web
 
-    from proxy.app import ProxyApp
     from proxy.config import parse_config
+    from proxy.control.app import ProxyApp
 
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -362,7 +362,7 @@ def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
 def test_dockerignore_keeps_build_inputs_only() -> None:
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
-    for needed in ("pyproject.toml", "README.md", "src/proxy/__init__.py", "src/proxy/static/status.html",
+    for needed in ("pyproject.toml", "README.md", "src/proxy/__init__.py", "src/proxy/control/static/status.html",
                    "config/canary.yaml"):
         assert not _dockerignore_excludes(patterns, needed), needed
     for junk in (".venv/bin/python", ".git/HEAD", "src/proxy/__pycache__/app.cpython-311.pyc",

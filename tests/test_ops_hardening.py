@@ -47,8 +47,8 @@ def test_kubernetes_examples_drain_safely_and_lock_down_the_admin_port() -> None
 
 
 def test_edge_kubernetes_example(tmp_path: Path) -> None:
-    from proxy.adminguard import exposure_problem
     from proxy.config import load_config
+    from proxy.control.adminguard import exposure_problem
 
     docs = [d for d in yaml.safe_load_all((K8S / "edge" / "edge.yaml").read_text()) if d]
     objs = {(d["kind"], d["metadata"]["name"]): d for d in docs}

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from proxy.faults import local_kind
+from proxy.analysis.faults import local_kind
 from tests.conftest import ProxyProcess, Upstream, config_text
 from tests.test_e2e_rollback import metrics, sample, status
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from conftest import Upstream, config_text
 
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 UpFactory = Callable[..., Awaitable[Upstream]]

@@ -25,7 +25,7 @@ from conftest import ProxyProcess, Upstream, config_text, wait_running
 
 from proxy.analysis.rollout import RolloutState
 from proxy.analysis.statefile import save_state
-from proxy.app import ProxyApp
+from proxy.control.app import ProxyApp
 
 StartProxy = Callable[..., Awaitable[ProxyApp]]
 StartUpstream = Callable[..., Awaitable[Upstream]]

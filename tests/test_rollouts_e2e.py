@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import ProxyApp
-from proxy.cli import main
-from proxy.cli_admin import format_status
+from proxy.cli.admin import format_status
+from proxy.cli.main import main
+from proxy.control.app import ProxyApp
 from tests.conftest import ProxyProcess, Upstream, free_port
 from tests.test_e2e_rollback import Switch, _true, _worker_up, admin, metrics, sample, status, stop_process, wait_for
 

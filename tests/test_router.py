@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from proxy.router import (
+from proxy.routing.router import (
     BUCKETS,
     RequestView,
     RouteRule,

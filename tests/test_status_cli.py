@@ -14,10 +14,10 @@ import pytest
 from conftest import ROOT, Upstream, config_text, free_port
 
 from proxy import native
-from proxy.app import ProxyApp
-from proxy.cli import main
-from proxy.cli_admin import describe_rollout, format_status
-from proxy.status import build_status
+from proxy.cli.admin import describe_rollout, format_status
+from proxy.cli.main import main
+from proxy.control.app import ProxyApp
+from proxy.control.status import build_status
 
 StartProxy = Callable[..., Awaitable[ProxyApp]]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -294,7 +294,7 @@ async def test_config_file_gives_address_and_token(
 
 def test_admin_url_for_wildcards() -> None:
     from proxy.config import parse_config
-    from proxy.status import admin_url as url_for
+    from proxy.control.status import admin_url as url_for
 
     base = (
         "listen: 127.0.0.1:8080\nupstreams:\n  a: {endpoints: [http://127.0.0.1:1]}\n"

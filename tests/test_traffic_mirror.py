@@ -18,8 +18,8 @@ import httpx
 from aiohttp import web
 from conftest import RawClient, RawUpstream, Upstream, config_text, wait_until
 
-from proxy.app import ProxyApp
-from proxy.metrics import make_registry, render
+from proxy.control.app import ProxyApp
+from proxy.control.metrics import make_registry, render
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 UpstreamFactory = Callable[..., Awaitable[Upstream]]
@@ -274,8 +274,8 @@ async def test_mirror_reuses_its_own_connections_and_handles_head(
 
 def test_worker_counters_carry_the_mirror_figures() -> None:
     """`--workers N`: a follower's mirror counters reach the leader's /metrics."""
-    from proxy.stats import Stats
-    from proxy.workers import counters_snapshot, merged_stats
+    from proxy.analysis.stats import Stats
+    from proxy.control.workers import counters_snapshot, merged_stats
 
     buckets = (0.01, 0.1, 1.0)
     leader, follower = Stats(), Stats()

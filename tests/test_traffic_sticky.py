@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 from conftest import RawClient, Upstream, config_text
 
-from proxy.app import ProxyApp
-from proxy.router import BUCKETS, sticky_bucket
+from proxy.control.app import ProxyApp
+from proxy.routing.router import BUCKETS, sticky_bucket
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 COOKIE = "cp_id"

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 from conftest import ROOT, RawClient, Upstream, config_text
 
-from proxy.app import ProxyApp
-from proxy.router import normalise_host
+from proxy.control.app import ProxyApp
+from proxy.routing.router import normalise_host
 
 ProxyFactory = Callable[..., Awaitable[ProxyApp]]
 

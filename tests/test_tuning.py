@@ -1,4 +1,4 @@
-"""proxy.tuning: allocator and GC settings applied at start-up, checked in a real process."""
+"""proxy.control.tuning: allocator and GC settings applied at start-up, checked in a real process."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import ROOT, ProxyProcess, RawUpstream, config_text, read_head
 
-from proxy import tuning
+from proxy.control import tuning
 
 RawFactory = Callable[..., Awaitable[RawUpstream]]
 
-PROBE = "from proxy import tuning; print(tuning.tune_malloc())"
+PROBE = "from proxy.control import tuning; print(tuning.tune_malloc())"
 
 
 def _run(env: dict[str, str]) -> str:

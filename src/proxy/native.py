@@ -27,16 +27,16 @@ from types import ModuleType
 
 # The per-request path: parsing, routing, dispatch, recording. Only these are compiled.
 MODULES = (
-    "proxy.http1.buffers",
-    "proxy.http1.headers",
-    "proxy.http1.request",
-    "proxy.http1.server",
-    "proxy.http1.upstream",
+    "proxy.dataplane.legs.http1_buffers",
+    "proxy.dataplane.legs.http1_headers",
+    "proxy.dataplane.request",
+    "proxy.dataplane.legs.http1_client",
+    "proxy.dataplane.legs.http1_upstream",
     "proxy.dataplane",
-    "proxy.router",
-    "proxy.stats",
+    "proxy.routing.router",
+    "proxy.analysis.stats",
     "proxy.analysis.window",
-    "proxy.compile",
+    "proxy.routing.snapshot",
     "proxy.config.model",
 )
 GROUP = "proxy.native"  # the shared runtime library: proxy/native__mypyc.*.so

@@ -34,11 +34,11 @@ from proxy.analysis.rollout import (
     trip,
 )
 from proxy.analysis.statefile import state_to_dict
+from proxy.analysis.stats import Stats
 from proxy.analysis.steps import Analysis, judging, stamp
 from proxy.analysis.verdict import Breach, Evidence, Verdict, judge_evidence
 from proxy.analysis.webhook import WebhookSender
 from proxy.config.model import Config, Rollout
-from proxy.stats import Stats
 
 log = logging.getLogger("canary_proxy.rollout")
 MAX_EVENTS = 100

@@ -7,10 +7,10 @@ This is the controller's (impure) edge: it reads the windows and the canary's ou
 from __future__ import annotations
 
 from proxy.analysis.rollout import RolloutState
+from proxy.analysis.stats import Stats
 from proxy.analysis.verdict import Evidence, scan_lengths
 from proxy.analysis.window import WindowStats
 from proxy.config.model import Rollout
-from proxy.stats import Stats
 
 TRY_TIMEOUT_FLOOR = 1.0  # seconds: the derived canary try timeout is never shorter
 TRY_TIMEOUT_FACTOR = 10.0  # x the baseline's p99

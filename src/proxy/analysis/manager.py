@@ -19,10 +19,10 @@ from typing import Any
 from proxy.analysis.controller import MAX_EVENTS, RolloutController, WebhookFactory
 from proxy.analysis.ports import DeciderGate, Observations, StateStore
 from proxy.analysis.rollout import Command, JSONScalar, RolloutEvent, RolloutState
+from proxy.analysis.stats import Stats
 from proxy.analysis.verdict import Verdict
 from proxy.analysis.webhook import WebhookSender
 from proxy.config.model import Config
-from proxy.stats import Stats
 
 log = logging.getLogger("canary_proxy.rollout")
 

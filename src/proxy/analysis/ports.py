@@ -13,10 +13,10 @@ from typing import Any, Literal, Protocol
 from proxy.analysis.evidence import gather
 from proxy.analysis.rollout import RolloutEvent, RolloutState, reconcile
 from proxy.analysis.statestore import DurableStateFile
+from proxy.analysis.stats import Stats
 from proxy.analysis.verdict import Evidence
 from proxy.analysis.window import WindowStats
 from proxy.config.model import Rollout
-from proxy.stats import Stats
 
 # "decide": judge and act; "watch": judge, but only a breach may act (trip); "follow": do not judge.
 Mode = Literal["decide", "watch", "follow"]

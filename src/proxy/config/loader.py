@@ -46,6 +46,7 @@ from proxy.config.model import (
     Upstream,
 )
 from proxy.config.rollouts import RolloutKeys
+from proxy.config.saferegex import RegexError, compile_fullmatch
 from proxy.config.units import (
     fmt_duration,
     fmt_number,
@@ -58,7 +59,6 @@ from proxy.config.units import (
     same_socket,
 )
 from proxy.config.yamlnodes import Errors, Reader, Readers, Value, compose, root_value
-from proxy.saferegex import RegexError, compile_fullmatch
 
 T = TypeVar("T")
 TOKEN_ENV = "CANARY_PROXY_ADMIN_TOKEN"
@@ -462,7 +462,7 @@ class _Parser:
         value = r.boolean(m[kind]) if kind == "present" else r.text(m[kind])
         if isinstance(value, str) and kind == "regex":
             try:
-                compile_fullmatch(value)  # RE2, as proxy.compile will: linear time or refused
+                compile_fullmatch(value)  # RE2, as proxy.routing.snapshot will: linear time or refused
             except RegexError as e:
                 r.error(m[kind], f'invalid regex "{value}": {e}')
                 return None

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 from redis.asyncio import Redis
 
+from proxy.analysis.stats import Stats
 from proxy.analysis.window import LATENCY_BOUNDS, WindowStats
 from proxy.config.model import Config, Rollout
 from proxy.fleet.keys import EVIDENCE_EXTRA_TTL, Keys
-from proxy.stats import Stats
 
 log = logging.getLogger("canary_proxy.fleet")
 NBUCKETS = len(LATENCY_BOUNDS) + 1

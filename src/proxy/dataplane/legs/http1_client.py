@@ -1,7 +1,7 @@
 """Client leg: one asyncio.Protocol per client connection, parsing requests with httptools.
 
 A request is parsed, validated, routed (reading the snapshot once), and streamed to an upstream
-connection; the response streams back through :mod:`proxy.http1.upstream`. Pipelined requests are
+connection; the response streams back through :mod:`proxy.dataplane.legs.http1_upstream`. Pipelined requests are
 queued and answered in order. Reading is paused whenever a peer cannot keep up (backpressure).
 """
 
@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from proxy.http1 import headers as H
-from proxy.http1.buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
-from proxy.http1.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Request
-from proxy.stats import KIND_PROTOCOL, KIND_RESET
+from proxy.analysis.stats import KIND_PROTOCOL, KIND_RESET
+from proxy.dataplane.legs import http1_headers as H
+from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
+from proxy.dataplane.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Request
 
 if TYPE_CHECKING:
     from proxy.config.model import Timeouts
-    from proxy.dataplane import DataPlane
-    from proxy.http1.upstream import UpstreamConnection
+    from proxy.dataplane.legs.http1_upstream import UpstreamConnection
+    from proxy.dataplane.plane import DataPlane
 
 log = logging.getLogger("canary_proxy.http")
 

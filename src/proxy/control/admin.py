@@ -2,7 +2,7 @@
 
 A separate aiohttp server on its own address, so nothing here is reachable through the data port.
 POSTs change the proxy; when the config has an admin token they need `Authorization: Bearer`.
-Every error is a JSON 4xx (never a 500 with a traceback); proxy.adminguard checks Host, Origin and
+Every error is a JSON 4xx (never a 500 with a traceback); proxy.control.adminguard checks Host, Origin and
 Referer of POSTs and caps connections and header time.
 """
 
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from proxy.adminguard import GuardedListener, cross_site, host_allowed
 from proxy.analysis.rollout import COMMANDS, Command, CommandError
+from proxy.control.adminguard import GuardedListener, cross_site, host_allowed
+from proxy.control.metrics import CONTENT_TYPE, make_registry, render
+from proxy.control.status import build_status, rollout_status, rollouts_status
 from proxy.fleet.errors import FleetUnavailable
-from proxy.metrics import CONTENT_TYPE, make_registry, render
-from proxy.status import build_status, rollout_status, rollouts_status
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyApp
+    from proxy.control.app import ProxyApp
 
 log = logging.getLogger("canary_proxy.admin")
 

@@ -26,15 +26,15 @@ from prometheus_client.metrics_core import (
 )
 
 from proxy import __version__
+from proxy.analysis.faults import LOCAL_KINDS
 from proxy.analysis.rollout import RolloutState
-from proxy.analysis_metrics import analysis_families
-from proxy.faults import LOCAL_KINDS
+from proxy.analysis.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
+from proxy.control.analysis_metrics import analysis_families
+from proxy.control.metrics_mirror import mirror_families
 from proxy.fleet.report import fleet_metrics
-from proxy.metrics_mirror import mirror_families
-from proxy.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyApp
+    from proxy.control.app import ProxyApp
 
 # Plain text 0.0.4: every name here is a legacy-valid name, and every scraper understands it.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4

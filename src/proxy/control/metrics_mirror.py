@@ -1,4 +1,4 @@
-"""Prometheus families of request mirroring (see :mod:`proxy.mirror`), built at scrape time."""
+"""Prometheus families of request mirroring (see :mod:`proxy.dataplane.mirror`), built at scrape time."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-from proxy.stats import CODE_CLASSES, MIRROR_NO_RESPONSE, MIRROR_SKIPS, MirrorStats, Stats
+from proxy.analysis.stats import CODE_CLASSES, MIRROR_NO_RESPONSE, MIRROR_SKIPS, MirrorStats, Stats
 
 NO_RESPONSE = "error"  # code_class of a mirror that got no response (connect, timeout, reset)
 

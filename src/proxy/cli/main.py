@@ -39,7 +39,7 @@ def install_uvloop() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.adminguard import exposure_problem
+    from proxy.control.adminguard import exposure_problem
 
     try:
         config = load_config(args.config)
@@ -55,14 +55,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     for warning in config_warnings(config):  # the same warnings as `validate`
         logging.getLogger("canary_proxy").warning("config: %s", warning)
-    from proxy.workers import WorkerRole, run_workers
+    from proxy.control.workers import WorkerRole, run_workers
 
     role = None
     if args.worker_index is not None:
         role = WorkerRole(args.worker_index, args.workers, args.control)
     elif args.workers > 1:
         return run_workers(args.config, args.workers, args.log_level)
-    from proxy.app import ProxyApp
+    from proxy.control.app import ProxyApp
 
     install_uvloop()
 
@@ -85,8 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from proxy.adminguard import exposure_problem
     from proxy.config.summary import summarize
+    from proxy.control.adminguard import exposure_problem
 
     try:
         config = load_config(args.config)
@@ -109,7 +109,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.cli.demo import run_demo
 
     install_uvloop()
     return asyncio.run(run_demo(duration=args.duration, keep_running=args.keep_running, port=args.port))
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     try:
-        from proxy.cli_admin import add_admin_commands
+        from proxy.cli.admin import add_admin_commands
     except ImportError:  # pragma: no cover - during development only
         pass
     else:

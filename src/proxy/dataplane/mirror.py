@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from proxy.stats import SKIP_OVERLOADED, SKIP_TOO_LARGE, MirrorStats, UpstreamStats
+from proxy.analysis.stats import SKIP_OVERLOADED, SKIP_TOO_LARGE, MirrorStats, UpstreamStats
 
 if TYPE_CHECKING:
     from proxy.config.model import Endpoint
-    from proxy.http1.request import Request
+    from proxy.dataplane.request import Request
 
 log = logging.getLogger("canary_proxy.mirror")
 

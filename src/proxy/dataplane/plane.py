@@ -18,16 +18,16 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
-from proxy.accesslog import AccessLogger
-from proxy.compile import Binding, Snapshot
-from proxy.faults import LocalErrors, local_kind
-from proxy.http1 import headers as H
-from proxy.http1.request import Request
-from proxy.http1.server import P_CONNECT, ClientConnection
-from proxy.http1.upstream import DataPlaneLike, EndpointPool, PoolRegistry, UpstreamConnection
-from proxy.mirror import MirrorRule, Mirrors
-from proxy.router import RequestView, select
-from proxy.stats import KIND_CONNECT, KIND_TIMEOUT, Stats
+from proxy.analysis.faults import LocalErrors, local_kind
+from proxy.analysis.stats import KIND_CONNECT, KIND_TIMEOUT, Stats
+from proxy.dataplane.accesslog import AccessLogger
+from proxy.dataplane.legs import http1_headers as H
+from proxy.dataplane.legs.http1_client import P_CONNECT, ClientConnection
+from proxy.dataplane.legs.http1_upstream import DataPlaneLike, EndpointPool, PoolRegistry, UpstreamConnection
+from proxy.dataplane.mirror import MirrorRule, Mirrors
+from proxy.dataplane.request import Request
+from proxy.routing.router import RequestView, select
+from proxy.routing.snapshot import Binding, Snapshot
 
 log = logging.getLogger("canary_proxy.dataplane")
 
@@ -350,7 +350,7 @@ class DataPlane(DataPlaneLike):
         return True
 
     def local_failure(self, req: Request, client: ClientConnection, kind: str, cause: str) -> None:
-        """A failure of this proxy's own (proxy.faults): counted and logged, answered 503."""
+        """A failure of this proxy's own (proxy.analysis.faults): counted and logged, answered 503."""
         self.local.record(kind, "connect", cause)
         req.failed = True  # finish() then keeps it out of the analysis and outlier detection
         if req is not client.current or client.closed:

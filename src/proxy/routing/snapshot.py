@@ -12,15 +12,15 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from proxy.analysis.rollout import RolloutState, effective_split, effective_target
+from proxy.analysis.stats import RouteCounts, Stats, UpstreamStats
 from proxy.analysis.verdict import error_status_table
 from proxy.config.model import Config, CookieIssue, Match, Route, StringMatch
-from proxy.mirror import MirrorRule
-from proxy.router import Predicate, RequestView, RouteRule, SplitTable
-from proxy.saferegex import compile_fullmatch
-from proxy.stats import RouteCounts, Stats, UpstreamStats
+from proxy.config.saferegex import compile_fullmatch
+from proxy.dataplane.mirror import MirrorRule
+from proxy.routing.router import Predicate, RequestView, RouteRule, SplitTable
 
 if TYPE_CHECKING:
-    from proxy.http1.upstream import Balancer, EndpointPool, PoolRegistry
+    from proxy.dataplane.legs.http1_upstream import Balancer, EndpointPool, PoolRegistry
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ValueTest = Callable[[bytes | None], bool]

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 from proxy import __version__, native
 from proxy.analysis.rollout import canary_weight, ladder_weight
 from proxy.analysis.window import WindowStats
+from proxy.control.metrics import current_state, current_states
 from proxy.fleet.report import fleet_status
-from proxy.metrics import current_state, current_states
 
 if TYPE_CHECKING:
     from proxy.analysis.controller import RolloutController
-    from proxy.app import ProxyApp
     from proxy.config.model import Config, Route
+    from proxy.control.app import ProxyApp
 
 DEFAULT_WINDOW = 60.0  # seconds of traffic summarised per upstream without a rollout
 MAX_EVENTS = 50

@@ -1,6 +1,6 @@
 """Pure routing: (compiled routes, request view, sticky hash or random) -> route and upstream.
 
-Nothing here touches sockets or clocks; `proxy.compile` builds the matchers and bucket tables once
+Nothing here touches sockets or clocks; `proxy.routing.snapshot` builds the matchers and bucket tables once
 per snapshot, and the data plane calls :func:`select` once per request.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 from urllib.parse import parse_qsl
 
-from proxy.pathnorm import normalize_path
+from proxy.routing.pathnorm import normalize_path
 
 BUCKETS = 10_000
 T = TypeVar("T")
@@ -91,7 +91,7 @@ class RequestView:
         return h or None
 
     def normalized_path(self) -> bytes:
-        """The path as `path_prefix` sees it (see proxy.pathnorm), computed once."""
+        """The path as `path_prefix` sees it (see proxy.routing.pathnorm), computed once."""
         norm = self._norm
         if norm is None:
             norm = self._norm = normalize_path(self.path)
@@ -218,7 +218,7 @@ class RouteRule(Generic[T]):
         self.sticky_cookie = sticky_cookie
         # Issued sticky cookie: the Set-Cookie attributes after the value ("; Path=/; Max-Age=...").
         self.issue = issue
-        self.mirror = mirror  # the data plane's compiled mirror rule (proxy.mirror), or None
+        self.mirror = mirror  # the data plane's compiled mirror rule (proxy.dataplane.mirror), or None
 
 
 def select(

@@ -6,9 +6,9 @@ import os
 import socket
 from collections.abc import Callable
 
+from proxy.analysis.stats import Stats
 from proxy.config.model import Config
 from proxy.fleet.member import FleetMember
-from proxy.stats import Stats
 
 __all__ = ["FleetMember", "default_replica", "make_member"]
 

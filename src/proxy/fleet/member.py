@@ -24,6 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 from proxy.analysis.controller import RolloutController
 from proxy.analysis.manager import RolloutManager
 from proxy.analysis.rollout import Command, RolloutEvent, canary_weight, reconcile
+from proxy.analysis.stats import Stats
 from proxy.config.model import Config, Fleet, Rollout
 from proxy.fleet import keys as K
 from proxy.fleet.codec import RemoteState, decode_state, encode_state
@@ -33,7 +34,6 @@ from proxy.fleet.errors import DOWN
 from proxy.fleet.evidence import EvidenceMerger, EvidencePusher, canary_version
 from proxy.fleet.roster import Roster
 from proxy.fleet.store import FleetStore, PendingWrite
-from proxy.stats import Stats
 
 log = logging.getLogger("canary_proxy.fleet")
 TICK = 0.25

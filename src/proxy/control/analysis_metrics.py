@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyApp
+    from proxy.control.app import ProxyApp
 
 RESULTS = ("healthy", "breach", "insufficient_data")
 CHECK_STATUSES = ("pass", "breach", "hold")

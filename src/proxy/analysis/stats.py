@@ -1,7 +1,7 @@
 """Process-wide request statistics, recorded on the hot path with plain integer adds.
 
 The data plane never touches prometheus-client objects: it bumps the counters here (children are
-resolved once, when a snapshot is compiled), and `proxy.metrics` turns them into Prometheus
+resolved once, when a snapshot is compiled), and `proxy.control.metrics` turns them into Prometheus
 families at scrape time. The analysis windows live here too, one per upstream.
 
 Objects are kept across config reloads (keyed by route/upstream name), so counters stay monotonic.

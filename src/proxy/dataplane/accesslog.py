@@ -10,7 +10,7 @@ import time
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.http1.request import Request
+    from proxy.dataplane.request import Request
 
 FLUSH_INTERVAL = 0.2
 FLUSH_BYTES = 64 * 1024

@@ -14,20 +14,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import IO
 
-from proxy import __version__, native, tuning
-from proxy.accesslog import AccessLogger
-from proxy.admin import AdminServer
-from proxy.adminguard import exposure_problem, warn_if_insecure
+from proxy import __version__, native
+from proxy.analysis.faults import descriptor_budget
 from proxy.analysis.manager import RolloutManager
 from proxy.analysis.rollout import RolloutState, reconcile
-from proxy.compile import Snapshot, compile_snapshot
+from proxy.analysis.stats import Stats, UpstreamStats
 from proxy.config import Config, ConfigError, load_config
-from proxy.dataplane import DataPlane
-from proxy.faults import descriptor_budget
+from proxy.control import tuning
+from proxy.control.admin import AdminServer
+from proxy.control.adminguard import exposure_problem, warn_if_insecure
+from proxy.control.reload import ConfigWatcher
+from proxy.control.workers import FollowerSync, LeaderSync, WorkerRole, merged_stats
+from proxy.dataplane.accesslog import AccessLogger
+from proxy.dataplane.plane import DataPlane
 from proxy.fleet.setup import FleetMember, make_member
-from proxy.reload import ConfigWatcher
-from proxy.stats import Stats, UpstreamStats
-from proxy.workers import FollowerSync, LeaderSync, WorkerRole, merged_stats
+from proxy.routing.snapshot import Snapshot, compile_snapshot
 
 log = logging.getLogger("canary_proxy")
 

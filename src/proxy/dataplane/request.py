@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.compile import Binding, Snapshot
-    from proxy.http1.upstream import EndpointPool
-    from proxy.mirror import MirrorJob
-    from proxy.stats import UpstreamStats
+    from proxy.analysis.stats import UpstreamStats
+    from proxy.dataplane.legs.http1_upstream import EndpointPool
+    from proxy.dataplane.mirror import MirrorJob
+    from proxy.routing.snapshot import Binding, Snapshot
 
 # Response body framing towards the client.
 F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)

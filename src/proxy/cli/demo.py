@@ -22,9 +22,9 @@ from typing import TextIO
 import aiohttp
 from aiohttp import web
 
-from proxy.app import ProxyApp
 from proxy.config import Config, parse_config
 from proxy.config.model import Address, Endpoint, Upstream
+from proxy.control.app import ProxyApp
 
 USERS = 500
 RATE = 200  # requests per second generated

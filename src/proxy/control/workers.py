@@ -27,10 +27,10 @@ import aiohttp
 from aiohttp import web
 
 from proxy.analysis.statefile import state_from_dict, state_to_dict
-from proxy.stats import RouteCounts, Stats, UpstreamStats
+from proxy.analysis.stats import RouteCounts, Stats, UpstreamStats
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyApp
+    from proxy.control.app import ProxyApp
 
 log = logging.getLogger("canary_proxy.workers")
 

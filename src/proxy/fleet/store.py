@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from proxy.analysis.evidence import single
 from proxy.analysis.ports import LocalObservations, Mode
 from proxy.analysis.rollout import RolloutEvent, RolloutState, reconcile
+from proxy.analysis.stats import Stats
 from proxy.analysis.verdict import Evidence
 from proxy.analysis.window import WindowStats
 from proxy.config.model import Rollout
 from proxy.fleet.codec import RemoteState
 from proxy.fleet.connection import LinkState
 from proxy.fleet.evidence import EvidenceMerger
-from proxy.stats import Stats
 
 NEVER_READ = "waiting for the fleet state (Redis not read yet)"
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from proxy.config.model import Endpoint, OutlierDetection
-from proxy.http1.buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
-from proxy.http1.headers import (
+from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
+from proxy.dataplane.legs.http1_headers import (
     CONNECTION_OPTIONS,
     R_CL,
     R_CONNECTION,
@@ -31,7 +31,7 @@ from proxy.http1.headers import (
 )
 
 if TYPE_CHECKING:
-    from proxy.http1.server import ClientConnection
+    from proxy.dataplane.legs.http1_client import ClientConnection
 
 P_UPLOAD = 2  # proxy.http1.server.P_UPLOAD (imported there from here would be a cycle)
 # Interim (1xx) responses relayed per request; more is a misbehaving upstream: 502.

@@ -1,0 +1,1 @@
+"""Command line: argparse verbs (run, validate, demo, status, rollout commands); the only place that exits."""

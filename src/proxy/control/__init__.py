@@ -1,0 +1,1 @@
+"""The process around the data plane: wiring and lifecycle, admin API, /status, metrics, reload, workers."""

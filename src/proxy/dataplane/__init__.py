@@ -1,0 +1,1 @@
+"""The data plane: one request exchange, its legs (protocol adapters), pools, balancing, deadlines."""

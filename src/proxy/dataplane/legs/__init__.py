@@ -1,0 +1,1 @@
+"""Protocol adapters: transport and parser callbacks turned into exchange calls (HTTP/1.1 today)."""

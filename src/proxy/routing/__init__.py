@@ -1,0 +1,1 @@
+"""Routing: the compiled snapshot (matchers, bucket tables, bound counters) and the pure router."""
