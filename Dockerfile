@@ -22,17 +22,15 @@ RUN python -m venv /opt/venv
 ENV PATH="/opt/venv/bin:$PATH"
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src/proxy/ ./src/proxy/
-# Compile the hot path in the source tree with a throw-away toolchain venv (`.[native]`: mypy),
-# then install the package, compiled modules included, into the runtime venv and check that
-# they are the ones in use.
-RUN python -m venv /opt/build \
-    && /opt/build/bin/pip install --no-cache-dir -e ".[native]" \
-    && /opt/build/bin/python -m proxy.build_native \
-    && pip install --no-cache-dir . \
+# Build a wheel (setup.py compiles the hot path with mypyc in it; CANARY_PROXY_REQUIRE_NATIVE
+# makes a missing compiler an error instead of a pure-Python wheel), install that wheel into the
+# runtime venv, and check that the compiled modules are the ones in use.
+RUN CANARY_PROXY_REQUIRE_NATIVE=1 pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+    && pip install --no-cache-dir /wheels/canary_proxy-*.whl \
     && canary-proxy --version \
-    && python -P -c "import sys, proxy.native as n; print(n.state()); sys.exit(n.state() != 'compiled (mypyc)')"
+    && python -P -c "import sys, proxy.native as n; print(n.state()); sys.exit(n.state() != n.COMPILED)"
 
 # ---- runtime: only the venv, the default config and an unprivileged user ----
 FROM python:3.11-slim AS runtime

@@ -5,14 +5,24 @@ PYTHON := $(VENV)/bin/python
 
 .PHONY: setup native system-deps redbot demo test lint bench bench-quick bench-fleet rollback-time clean
 
-$(VENV)/.installed: pyproject.toml
+# Every file of the package: a change to any of them reinstalls it (see $(VENV)/.installed).
+SOURCES := $(shell find src -name '*.py' -o -name '*.html' -o -name '*.yaml' -o -name 'py.typed')
+
+# The dependencies and dev tools (the package itself comes next, compiled): once per pyproject.toml.
+$(VENV)/.deps: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	CANARY_PROXY_PURE=1 $(PYTHON) -m pip install -q '.[dev]'
 	touch $@
 
-# Python environment: .venv with the package (editable) and the dev tools, hot path compiled.
-setup: $(VENV)/.installed native
+# The package, installed like a user gets it (a wheel, not editable), rebuilt whenever a source
+# changes. setup.py compiles the hot path with mypyc inside the wheel when a C compiler is there
+# (about a minute); without one it only warns and the same code runs as pure Python. Nothing is
+# written into src/. The tests import this installed package (tests/support/package.py).
+$(VENV)/.installed: $(VENV)/.deps setup.py $(SOURCES)
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation --force-reinstall .
+	$(VENV)/bin/canary-proxy --version
+	touch $@
 
 # REDbot (the HTTP linter, tests/test_redbot.py) in a venv of its own: one of its dependencies
 # installs a top-level `tests` package, which must not shadow ours.
@@ -21,10 +31,13 @@ $(VENV)/redbot/bin/redbot:
 	$(PY) -m venv $(VENV)/redbot
 	$(VENV)/redbot/bin/python -m pip install -q 'redbot>=2.7' || echo "warning: redbot not installed; tests/test_redbot.py will skip"
 
-# Compile the hot path with mypyc when its sources changed since the last build (about 20 s).
-# Without a C compiler this only warns: the same code then runs as pure Python, slower.
-native: $(VENV)/.installed
-	$(PYTHON) -m proxy.build_native --optional --if-stale
+# Python environment: .venv with the dev tools and the package (hot path compiled when possible).
+setup: $(VENV)/.installed
+
+# Rebuild and reinstall the package now (after `git pull`, or to pick up a new compiler).
+native: $(VENV)/.deps
+	rm -f $(VENV)/.installed
+	$(MAKE) $(VENV)/.installed
 
 # Debian tools the tests and benchmarks drive: nginx, wrk, hey, promtool, chromium (apt, when missing).
 system-deps:
@@ -35,13 +48,14 @@ demo: setup
 	$(PYTHON) -m proxy demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests loadtests
+	$(VENV)/bin/ruff check src tests loadtests setup.py
 	$(VENV)/bin/mypy --strict src/proxy
 	$(VENV)/bin/hadolint Dockerfile
 
 # The whole test suite (what CI runs).
 # With a C compiler the compiled hot path is required (tests/test_native.py checks it), and the
-# data-plane tests run a second time on the pure-Python fallback.
+# data-plane tests run a second time on the pure-Python fallback: CANARY_PROXY_PURE=1 makes them
+# import the sources in src/ instead of the installed, compiled package.
 test: system-deps setup redbot lint
 	CANARY_PROXY_REQUIRE_NATIVE=$$(command -v gcc >/dev/null && echo 1) $(VENV)/bin/pytest -q -p no:cacheprovider
 	CANARY_PROXY_PURE=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_http_*.py tests/test_hardening_smuggling.py \
@@ -65,4 +79,5 @@ rollback-time: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache loadtests/.work
-	find src/proxy -name '*.so' -delete; rm -f src/proxy/.native-stamp
+	rm -rf build dist src/*.egg-info
+	find src -name '*.so' -delete  # left by older in-place builds

@@ -18,11 +18,28 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support import package
+from support.polling import holds, wait_for, wait_until
 
-from proxy.config import load_config
-from proxy.control.app import ProxyApp
+package.select()  # the installed package, or the sources with CANARY_PROXY_PURE=1: before importing proxy
+
+from proxy.config import load_config  # noqa: E402
+from proxy.control.app import ProxyApp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["holds", "wait_for", "wait_until"]  # shared polling helpers, importable from here too
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = package.stale_files()
+    if stale:
+        pytest.exit(
+            f"the installed canary-proxy differs from src/ ({', '.join(stale[:3])}...): run `make setup` "
+            "(reinstalls it), or set CANARY_PROXY_PURE=1 to test the sources as pure Python",
+            returncode=4,
+        )
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -539,18 +556,6 @@ async def logging_upstream() -> AsyncIterator[Callable[[], Awaitable[LoggingUpst
         for c in up.connections:
             if c.transport is not None:
                 c.transport.abort()
-
-
-async def wait_until(check: Callable[[], Any], timeout: float = 5.0, what: str = "", every: float = 0.02) -> Any:
-    """Poll `check()` (sync) until truthy; fail after `timeout` s with `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        await asyncio.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last value: {last!r}")
 
 
 def fd_count(pid: int | None = None) -> int:

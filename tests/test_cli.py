@@ -22,7 +22,9 @@ def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 def test_version() -> None:
     out = cli("--version")
     assert out.returncode == 0
-    assert out.stdout.strip() == f"canary-proxy {__version__}"
+    version, hot_path = out.stdout.strip().splitlines()
+    assert version == f"canary-proxy {__version__}"
+    assert hot_path.startswith(("hot path: compiled (mypyc)", "hot path: pure ("))
 
 
 def test_validate_good_config_prints_a_summary() -> None:

@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+from support.polling import wait_for
 
 from proxy.control.app import ProxyApp
 from tests.conftest import ROOT, ProxyProcess, Upstream, config_text
@@ -53,19 +54,6 @@ class Switch:
 def _worker_up(line: str) -> bool:
     """A worker's start line: the leader's "listening on", a follower's "ready on"."""
     return "listening on" in line or "ready on" in line
-
-
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, every: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` (and the last value) after
-    `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 async def admin(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:

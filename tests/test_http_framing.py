@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 from conftest import RawClient, RawMessage, RawUpstream, Upstream, config_text, read_request, read_response
+from support.polling import holds, wait_until
 
 from proxy.control.app import ProxyApp
 
@@ -375,15 +376,17 @@ async def test_backpressure_holds_for_the_next_pipelined_response(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client reads nothing for now
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", port_of(app)))
-    await asyncio.sleep(0.05)
-    (conn,) = app.plane.clients
+    # The proxy accepts in its own time: wait for the connection object, never a fixed sleep.
+    (conn,) = await wait_until(lambda: list(app.plane.clients), what="the proxy to accept the connection")
     assert conn.transport is not None
     # A slow network path: little room in the kernel, so the proxy's own buffer fills at once.
     conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     await loop.sock_sendall(sock, b"GET /small HTTP/1.1\r\nHost: h\r\n\r\nGET /big HTTP/1.1\r\nHost: h\r\n\r\n")
-    await asyncio.sleep(0.5)
-    buffered = conn.transport.get_write_buffer_size()
-    assert buffered < 4 * 1024 * 1024, f"{buffered} bytes buffered for a client that reads nothing"
+    # Backpressure engaged (the transport asked us to stop writing), then it stays bounded.
+    await wait_until(lambda: conn.write_blocked_at, what="the client write buffer to fill up")
+    limit = 4 * 1024 * 1024
+    await holds(lambda: conn.transport is not None and conn.transport.get_write_buffer_size() < limit, 0.5,
+                what=f"fewer than {limit} bytes buffered for a client that reads nothing")
     total = 0
     expected = 102400 + big + 2 * len(b"HTTP/1.1 200 OK\r\n")  # at least
     while total < expected:

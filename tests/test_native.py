@@ -1,19 +1,24 @@
-"""The compiled hot path (proxy.native, proxy.build_native): used only when it matches the sources.
+"""The compiled hot path: built into the wheel by setup.py, reported by proxy.native.
 
-`make test` builds the compiled modules first and sets CANARY_PROXY_REQUIRE_NATIVE=1 when a C
-compiler exists, so these tests cannot quietly skip there.
+`make test` installs the package as a wheel (compiled when a C compiler exists) and sets
+CANARY_PROXY_REQUIRE_NATIVE=1 when gcc exists, so these tests cannot quietly skip there. With
+CANARY_PROXY_PURE=1 the suite imports the sources instead (tests/support/package.py).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from support.package import pure_requested
 
 from proxy import native
 
@@ -24,71 +29,70 @@ PROBE = (
 )
 
 
-def _built() -> bool:
-    if native.is_current():
+def _compiled_expected() -> bool:
+    if native.state() == native.COMPILED:
         return True
-    if os.environ.get("CANARY_PROXY_REQUIRE_NATIVE") == "1":
-        pytest.fail("the hot path is not compiled (or stale): `make setup` should have built it")
-    pytest.skip("hot path not compiled here (no C compiler?): `make setup` builds it")
+    if os.environ.get("CANARY_PROXY_REQUIRE_NATIVE") == "1" and not pure_requested():
+        pytest.fail(f"the hot path is not compiled ({native.state()}): `make setup` should have built it")
+    pytest.skip(f"hot path not compiled here ({native.state()})")
 
 
-def _probe(cwd: Path, **env: str) -> tuple[str, list[str]]:
-    full = {k: v for k, v in os.environ.items() if k != native.PURE_ENV}
-    full.update(env)
-    full["PYTHONPATH"] = str(cwd)
+def _probe(**env: str) -> tuple[str, list[str]]:
+    full = {**os.environ, **env}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=cwd, env=full, capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", PROBE], cwd=ROOT, env=full, capture_output=True, text=True, timeout=60, check=True
     )
     state, *files = out.stdout.splitlines()
     return state, files
 
 
-def _copy_package(dst: Path) -> Path:
-    shutil.copytree(ROOT / "src" / "proxy", dst / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
-    return dst / "proxy"
-
-
-def test_compiled_modules_are_used_when_current() -> None:
-    _built()
-    state, files = _probe(ROOT)
-    assert state == "compiled (mypyc)"
+def test_compiled_modules_are_used_when_installed_compiled() -> None:
+    if pure_requested():
+        pytest.skip("this run imports the sources (CANARY_PROXY_PURE=1)")
+    _compiled_expected()
+    state, files = _probe()
+    assert state == native.COMPILED
     assert all(f.endswith(".so") for f in files), files
+    # A wheel with extensions is tagged for this interpreter and platform, never py3-none-any.
+    wheel = importlib.metadata.distribution("canary-proxy").read_text("WHEEL") or ""
+    assert "Root-Is-Purelib: false" in wheel, wheel
+    tag = next(line.split(": ", 1)[1] for line in wheel.splitlines() if line.startswith("Tag: "))
+    assert tag.startswith(f"cp{sys.version_info.major}{sys.version_info.minor}-") and "none-any" not in tag, tag
 
 
-def test_pure_env_forces_the_sources() -> None:
-    state, files = _probe(ROOT, CANARY_PROXY_PURE="1")
-    assert state.startswith("pure")
-    assert all(f.endswith(".py") for f in files), files
+def test_pure_env_runs_the_sources() -> None:
+    state, files = _probe(CANARY_PROXY_PURE="1", PYTHONPATH=str(ROOT / "src"))
+    assert state == "pure (CANARY_PROXY_PURE set)"
+    assert all(f.endswith(".py") and f.startswith(str(ROOT / "src")) for f in files), files
+    if pure_requested():
+        assert native.state() == "pure (CANARY_PROXY_PURE set)"
+        assert all(importlib.import_module(m).__file__.endswith(".py") for m in native.MODULES)  # type: ignore[union-attr]
 
 
-def test_an_edited_source_is_never_shadowed_by_a_stale_build(tmp_path: Path) -> None:
-    _built()
-    pkg = _copy_package(tmp_path)
-    state, files = _probe(tmp_path)
-    assert state == "compiled (mypyc)", "the copy should start out current"
-    server = pkg / "dataplane" / "legs" / "http1_client.py"
-    server.write_text(server.read_text() + "\nEDITED = True\n")
-    state, files = _probe(tmp_path)
-    assert "stale" in state
-    assert all(f.endswith(".py") for f in files), files
+def test_nothing_compiled_is_written_into_the_source_tree() -> None:
+    assert not list((ROOT / "src").rglob("*.so")), "compiled files belong in the wheel, not in src/"
+    assert not (ROOT / "src" / "proxy" / ".native-stamp").exists()
+
+
+def _project_copy(dst: Path) -> Path:
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, dst / name)
+    shutil.copytree(ROOT / "src" / "proxy", dst / "src" / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def test_a_pure_wheel_when_asked_for_at_build_time(tmp_path: Path) -> None:
+    project = _project_copy(tmp_path / "clone")
+    env = {**os.environ, "CANARY_PROXY_PURE": "1"}
+    env.pop("CANARY_PROXY_REQUIRE_NATIVE", None)
     out = subprocess.run(
-        [sys.executable, "-c", "import proxy.dataplane.legs.http1_client as s; print(s.EDITED)"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), "."],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert out.stdout.strip() == "True", out.stderr
-
-
-def test_clean_removes_every_compiled_file(tmp_path: Path) -> None:
-    _built()
-    pkg = _copy_package(tmp_path)
-    assert native.is_current(pkg)
-    native.clean(pkg)
-    assert not list(pkg.rglob("*.so"))
-    assert not (pkg / native.STAMP).exists()
-    state, files = _probe(tmp_path)
-    assert state == "pure (not built)"
-    assert all(f.endswith(".py") for f in files)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "w").glob("*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.endswith(".so")]
+    assert "proxy/dataplane/plane.py" in names and "proxy/control/static/status.html" in names
+    assert not list(project.rglob("*.so")), "the build wrote into the source tree"

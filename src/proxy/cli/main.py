@@ -115,11 +115,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(duration=args.duration, keep_running=args.keep_running, port=args.port))
 
 
+class _Version(argparse.Action):
+    """`--version`: the version, then which hot path this installation runs (imports it to know)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
+        from proxy import native
+
+        parser.exit(message=f"canary-proxy {__version__}\nhot path: {native.state()}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="canary-proxy", description="A standalone reverse proxy for canary releases."
     )
-    parser.add_argument("--version", action="version", version=f"canary-proxy {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and the hot path, then exit")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

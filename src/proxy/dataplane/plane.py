@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import random
@@ -20,6 +19,7 @@ from typing import Any
 
 from proxy.analysis.faults import LocalErrors, local_kind
 from proxy.analysis.stats import KIND_CONNECT, KIND_TIMEOUT, Stats
+from proxy.dataplane import forwarding
 from proxy.dataplane.accesslog import AccessLogger
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.http1_client import P_CONNECT, ClientConnection
@@ -198,84 +198,21 @@ class DataPlane(DataPlaneLike):
             self.mirrors.begin(req, mirror)
 
     def _head(self, req: Request, client: ClientConnection, snap: Snapshot) -> bytes:
-        lines = req.lines
-        upgrade = b""
-        tokens = req.conn_tokens
-        if tokens:
-            lines = H.without_named(lines, tokens, H.REQUEST_KEEP)
-            if req.upgrade is not None and b"upgrade" in tokens:
-                protocols = H.without_h2c(req.upgrade)
-                if protocols:
-                    upgrade = b"Connection: upgrade\r\nUpgrade: " + protocols + b"\r\n"
-        if not upgrade:
-            req.upgrade = None
-        if req.host is None and req.binding is not None and req.binding.upstream.balancer.pools:
-            # HTTP/1.0 without Host: we speak HTTP/1.1 upstream, where Host is mandatory.
-            lines = [b"Host: %s\r\n" % req.binding.upstream.balancer.pools[0].endpoint.key.encode(), *lines]
+        """The upstream head (see :mod:`proxy.dataplane.forwarding`); settles the request id, the
+        Upgrade passed on and, behind trusted proxies, the client address for the access log."""
         peer = client.peer
-        trusted = bool(snap.trusted) and self._trusted(peer, snap)
-        xff = peer if req.xff is None else req.xff + b", " + peer
+        trusted = forwarding.is_trusted(peer, snap.trusted)
         if trusted and req.xff is not None:
-            req.peer = self._client_address(req.xff, snap, peer)
-        proto = req.xfproto if trusted and req.xfproto else b"http"
-        fhost = req.xfhost if trusted and req.xfhost else req.host
+            req.peer = forwarding.client_address(req.xff, snap.trusted, peer)
         if req.reqid is None:
             self._last_id += 1
             req.reqid = self._id_prefix + b"%x" % self._last_id
-        if req.te is not None:
-            framing = b"Transfer-Encoding: chunked\r\n"
-            if req.trailer is not None:  # its trailers are relayed: the upstream leg is chunked too
-                framing += b"Trailer: " + req.trailer + b"\r\n"
-        elif req.clen >= 0:
-            framing = b"Content-Length: %d\r\n" % req.clen
-        else:
-            framing = b""
-        # One join: a single allocation, no format string to parse.
-        return b"".join(
-            [
-                req.method,
-                b" ",
-                req.target,
-                b" HTTP/1.1\r\n",
-                *lines,
-                framing,
-                upgrade,
-                b"X-Forwarded-For: ",
-                xff,
-                b"\r\nX-Forwarded-Proto: ",
-                proto,
-                b"\r\n",
-                b"X-Forwarded-Host: " + fhost + b"\r\n" if fhost else b"",
-                self.via_line10 if req.version10 else self.via_line,
-                b"X-Request-Id: ",
-                req.reqid,
-                b"\r\n\r\n",
-            ]
-        )
-
-    @staticmethod
-    def _trusted(peer: bytes, snap: Snapshot) -> bool:
-        try:
-            addr = ipaddress.ip_address(peer.decode())
-        except ValueError:
-            return False
-        return any(addr in net for net in snap.trusted)
-
-    @staticmethod
-    def _client_address(xff: bytes, snap: Snapshot, peer: bytes) -> bytes:
-        """The client a trusted peer speaks for: the right-most X-Forwarded-For entry that is not a
-        trusted proxy. A malformed entry stops the walk at the last hop we could vouch for, so the
-        access log never carries text a client made up."""
-        found = peer
-        for entry in reversed(xff.split(b",")):
-            try:
-                addr = ipaddress.ip_address(entry.strip().decode("ascii"))
-            except (ValueError, UnicodeDecodeError):
-                return found
-            found = str(addr).encode()
-            if not any(addr in net for net in snap.trusted):
-                return found
-        return found
+        req.upgrade = forwarding.forwarded_upgrade(req)
+        default_host = None
+        if req.host is None and req.binding is not None and req.binding.upstream.balancer.pools:
+            default_host = req.binding.upstream.balancer.pools[0].endpoint.key.encode()
+        via = self.via_line10 if req.version10 else self.via_line
+        return forwarding.upstream_head(req, peer, trusted, default_host, via)
 
     def dispatch(self, req: Request, client: ClientConnection) -> None:
         """Send `req` to an endpoint of its bound upstream."""
