@@ -86,7 +86,8 @@ def test_a_pure_wheel_when_asked_for_at_build_time(tmp_path: Path) -> None:
     env = {**os.environ, "CANARY_PROXY_PURE": "1"}
     env.pop("CANARY_PROXY_REQUIRE_NATIVE", None)
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), "."],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"),
+         "."],
         cwd=project, env=env, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -362,8 +362,8 @@ def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
 def test_dockerignore_keeps_build_inputs_only() -> None:
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
-    for needed in ("pyproject.toml", "setup.py", "README.md", "src/proxy/__init__.py", "src/proxy/control/static/status.html",
-                   "config/canary.yaml"):
+    for needed in ("pyproject.toml", "setup.py", "README.md", "src/proxy/__init__.py",
+                   "src/proxy/control/static/status.html", "config/canary.yaml"):
         assert not _dockerignore_excludes(patterns, needed), needed
     for junk in (".venv/bin/python", ".git/HEAD", "src/proxy/__pycache__/app.cpython-311.pyc",
                  "tests/test_ops_files.py", ".pytest_cache/v", "canary_proxy.egg-info/PKG-INFO"):

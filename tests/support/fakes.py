@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from proxy.analysis.stats import Stats
 from proxy.config import parse_config
-from proxy.dataplane.legs.http1_upstream import DataPlaneLike, PoolRegistry
+from proxy.dataplane.legs.http1_upstream import UpstreamConnection
+from proxy.dataplane.pools import PoolRegistry
 from proxy.dataplane.request import Request
 from proxy.routing.snapshot import Snapshot, compile_snapshot
 
@@ -21,11 +22,11 @@ routes:
 """
 
 
-class Plane(DataPlaneLike):
-    """What pools need from a data plane, with a clock the test moves by hand."""
+class Plane:
+    """What pools need from a data plane (pools.DataPlaneLike), with a clock the test moves by hand."""
 
     def __init__(self, now: float = 1000.0) -> None:
-        self.upstream_conns = set()
+        self.upstream_conns: set[object] = set()
         self.now = now
         self.loop_time = lambda: self.now
 
@@ -34,7 +35,7 @@ def snapshot(text: str = CONFIG, extra: str = "") -> tuple[Snapshot, PoolRegistr
     """A real compiled snapshot (routes, balancers, counters) without a listener or a loop."""
     config = parse_config(text + extra)
     stats = Stats()
-    registry = PoolRegistry(Plane())
+    registry = PoolRegistry(Plane(), UpstreamConnection)  # type: ignore[arg-type]
     return compile_snapshot(config, stats, registry, None, 0.0), registry, stats
 
 

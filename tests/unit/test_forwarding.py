@@ -34,7 +34,8 @@ def test_x_forwarded_for_is_appended_to() -> None:
     snap, _, _ = snapshot()
     req = request(snap)
     req.xff = b"198.51.100.1"
-    assert b"X-Forwarded-For: 198.51.100.1, 192.0.2.7" in head_lines(forwarding.upstream_head(req, b"192.0.2.7", False, None))
+    lines = head_lines(forwarding.upstream_head(req, b"192.0.2.7", False, None))
+    assert b"X-Forwarded-For: 198.51.100.1, 192.0.2.7" in lines
 
 
 def test_proto_and_host_kept_only_from_trusted_peers() -> None:

@@ -15,16 +15,18 @@ import socket
 import time
 from collections.abc import Callable
 from time import monotonic
-from typing import Any
+from typing import Any, cast
 
 from proxy.analysis.faults import LocalErrors, local_kind
 from proxy.analysis.stats import KIND_CONNECT, KIND_TIMEOUT, Stats
 from proxy.dataplane import forwarding
 from proxy.dataplane.accesslog import AccessLogger
 from proxy.dataplane.legs import http1_headers as H
-from proxy.dataplane.legs.http1_client import P_CONNECT, ClientConnection
-from proxy.dataplane.legs.http1_upstream import DataPlaneLike, EndpointPool, PoolRegistry, UpstreamConnection
+from proxy.dataplane.legs.base import P_CONNECT, UpstreamLeg
+from proxy.dataplane.legs.http1_client import ClientConnection
+from proxy.dataplane.legs.http1_upstream import UpstreamConnection
 from proxy.dataplane.mirror import MirrorRule, Mirrors
+from proxy.dataplane.pools import EndpointPool, PoolRegistry
 from proxy.dataplane.request import Request
 from proxy.routing.router import RequestView, select
 from proxy.routing.snapshot import Binding, Snapshot
@@ -34,7 +36,7 @@ log = logging.getLogger("canary_proxy.dataplane")
 SWEEP_INTERVAL = 0.25
 
 
-class DataPlane(DataPlaneLike):
+class DataPlane:
     """Everything the client and upstream legs share within one process."""
 
     snapshot: Snapshot  # set by swap() before start()
@@ -47,11 +49,11 @@ class DataPlane(DataPlaneLike):
         self.loop_time = loop.time
         self.now = monotonic()
         self.rng = rng
-        self.pools = PoolRegistry(self)
+        self.pools = PoolRegistry(self, UpstreamConnection)
         self.mirrors = Mirrors()  # shadow traffic: its own pool and bounded task set
         self.clients: set[ClientConnection] = set()
         self.tunnels: set[ClientConnection] = set()
-        self.upstream_conns: set[UpstreamConnection] = set()
+        self.upstream_conns: set[UpstreamLeg] = set()
         self.draining = False
         self.server: asyncio.Server | None = None
         self.access_log: AccessLogger | None = None
@@ -407,8 +409,8 @@ class DataPlane(DataPlaneLike):
             binding = req.binding
             log_.record(req, monotonic(), binding.upstream.name if binding is not None else "")
 
-    def upstream_timeout(self, conn: UpstreamConnection) -> None:
-        client = conn.client
+    def upstream_timeout(self, conn: UpstreamLeg) -> None:
+        client = cast(ClientConnection | None, conn.client)
         if client is None:
             conn.close()
             return

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxy.analysis.stats import UpstreamStats
-    from proxy.dataplane.legs.http1_upstream import EndpointPool
     from proxy.dataplane.mirror import MirrorJob
+    from proxy.dataplane.pools import EndpointPool
     from proxy.routing.snapshot import Binding, Snapshot
 
 # Response body framing towards the client.

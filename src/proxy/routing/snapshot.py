@@ -16,11 +16,12 @@ from proxy.analysis.stats import RouteCounts, Stats, UpstreamStats
 from proxy.analysis.verdict import error_status_table
 from proxy.config.model import Config, CookieIssue, Match, Route, StringMatch
 from proxy.config.saferegex import compile_fullmatch
+from proxy.dataplane.balancer import Balancer
 from proxy.dataplane.mirror import MirrorRule
 from proxy.routing.router import Predicate, RequestView, RouteRule, SplitTable
 
 if TYPE_CHECKING:
-    from proxy.dataplane.legs.http1_upstream import Balancer, EndpointPool, PoolRegistry
+    from proxy.dataplane.pools import EndpointPool, PoolRegistry
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ValueTest = Callable[[bytes | None], bool]
@@ -116,7 +117,7 @@ def compile_snapshot(
     for name, up in config.upstreams.items():
         endpoint_pools: tuple[EndpointPool, ...] = tuple(pools.pool_for(ep) for ep in up.endpoints)
         upstreams[name] = UpstreamTarget(
-            name, up.version, pools.balancer(name, endpoint_pools), stats.upstream(name, buckets)
+            name, up.version, Balancer(name, endpoint_pools), stats.upstream(name, buckets)
         )
 
     rollout = config.rollout

@@ -18,20 +18,17 @@ import httptools
 
 from proxy.analysis.stats import KIND_PROTOCOL, KIND_RESET
 from proxy.dataplane.legs import http1_headers as H
+from proxy.dataplane.legs.base import P_CONNECT, P_PIPELINE, P_TUNNEL, P_UPLOAD, UpstreamLeg
 from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
+from proxy.dataplane.legs.http1_upstream import UpstreamConnection
 from proxy.dataplane.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Request
 
 if TYPE_CHECKING:
     from proxy.config.model import Timeouts
-    from proxy.dataplane.legs.http1_upstream import UpstreamConnection
     from proxy.dataplane.plane import DataPlane
 
 log = logging.getLogger("canary_proxy.http")
 
-# Why client reading is paused (bitmask): waiting for a pipelined turn, upstream write buffer full,
-# or waiting for an upstream connection.
-P_PIPELINE, P_UPLOAD, P_CONNECT = 1, 2, 4
-P_TUNNEL = 8  # after an Upgrade request, until the upstream's answer: bytes for the tunnel wait
 # What the client deadline means.
 D_NONE, D_HEADER, D_IDLE, D_BODY, D_LINGER = range(5)
 # Reads smaller than this have their writes batched to the end of the loop iteration.
@@ -571,8 +568,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         else:
             self.up_write(transport, body)
 
-    def upstream_ready(self, conn: UpstreamConnection) -> None:
+    def upstream_ready(self, leg: UpstreamLeg) -> None:
         """An upstream connection is ours: send the head and whatever body is buffered."""
+        conn = cast(UpstreamConnection, leg)
         req = self.current
         t = conn.transport
         if req is None or self.closed or t is None:
@@ -605,7 +603,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         self.wbuf.append(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines)))
 
-    def response_head(self, conn: UpstreamConnection, status: int) -> None:
+    def response_head(self, leg: UpstreamLeg, status: int) -> None:
+        conn = cast(UpstreamConnection, leg)
         req = self.current
         transport = self.transport
         if req is None or transport is None:
@@ -710,7 +709,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             if t is not None:
                 t.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
 
-    def response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
+    def response_complete(self, leg: UpstreamLeg, upstream_keep_alive: bool) -> None:
+        conn = cast(UpstreamConnection, leg)
         req = self.current
         if req is None:
             return
@@ -826,7 +826,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         self.respond_error(req, status)
 
-    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None, transport: object) -> None:
+    def upstream_lost(self, leg: UpstreamLeg, exc: Exception | None, transport: object) -> None:
+        conn = cast(UpstreamConnection, leg)
         req = self.current
         if self.tunnel is conn:
             # Flush what the upstream sent (a WebSocket close frame, say), then close gently: a
@@ -844,7 +845,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.plane.upstream_error(req, self, KIND_RESET)
         self.upstream_failed(req, KIND_RESET, 502, conn.reused)
 
-    def upstream_protocol_error(self, conn: UpstreamConnection, why: str) -> None:
+    def upstream_protocol_error(self, leg: UpstreamLeg, why: str) -> None:
+        conn = cast(UpstreamConnection, leg)
         req = self.current
         conn.client = None
         conn.abort()

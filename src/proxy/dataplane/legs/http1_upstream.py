@@ -1,19 +1,19 @@
-"""Upstream leg: per-endpoint keep-alive pools, round-robin balancing with passive outlier ejection,
-and the response parser that streams a response back to the client leg.
+"""Upstream leg (HTTP/1.1): one connection to an endpoint; parses the response with httptools and
+streams it to the client side (:class:`proxy.dataplane.legs.base.ClientLeg`).
+
+Pools live in :mod:`proxy.dataplane.pools`, balancing in :mod:`proxy.dataplane.balancer`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from proxy.config.model import Endpoint, OutlierDetection
+from proxy.dataplane.legs.base import P_UPLOAD, ClientLeg
 from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
 from proxy.dataplane.legs.http1_headers import (
     CONNECTION_OPTIONS,
@@ -31,9 +31,8 @@ from proxy.dataplane.legs.http1_headers import (
 )
 
 if TYPE_CHECKING:
-    from proxy.dataplane.legs.http1_client import ClientConnection
+    from proxy.dataplane.pools import EndpointPool
 
-P_UPLOAD = 2  # proxy.http1.server.P_UPLOAD (imported there from here would be a cycle)
 # Interim (1xx) responses relayed per request; more is a misbehaving upstream: 502.
 MAX_INTERIM = 32
 
@@ -51,7 +50,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.client: ClientConnection | None = None
+        self.client: ClientLeg | None = None
         self.deadline = 0.0  # loop time; 0 = none
         self.tunnel = False
         self.started = False  # response head forwarded to the client
@@ -246,6 +245,12 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         """A response to HEAD has no body whatever its framing headers say; start afresh."""
         self.parser = httptools.HttpResponseParser(self)
 
+    def released(self) -> None:
+        """Back in its pool: forget the exchange's response state (the next one starts afresh)."""
+        self.ninterim = self.head_bytes = 0
+        self.trailer = None
+        self.trailers = None
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -253,160 +258,3 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-
-class EndpointPool:
-    """Idle keep-alive connections to one endpoint, plus its outlier-ejection state."""
-
-    def __init__(self, endpoint: Endpoint, plane: DataPlaneLike) -> None:
-        self.endpoint = endpoint
-        self.host = endpoint.host
-        self.port = endpoint.port
-        self.plane = plane
-        self.idle: list[UpstreamConnection] = []
-        self.retired = False  # endpoint removed by a reload: drain, then close
-        self.consecutive_failures = 0
-        self.ejections = 0
-        self.ejected_until = 0.0
-        self.connects = 0  # connections opened (for tests and /status)
-
-    def take_idle(self) -> UpstreamConnection | None:
-        """A pooled connection that is still open, or None."""
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            t = conn.transport
-            if t is not None and not t.is_closing():
-                conn.reused = True
-                return conn
-        return None
-
-    async def connect(self, timeout: float) -> UpstreamConnection:
-        """Open a new connection (raises OSError / TimeoutError)."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            _, conn = await loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
-        self.connects += 1
-        return conn
-
-    def release(self, conn: UpstreamConnection, reusable: bool, idle_timeout: float) -> None:
-        """Give a connection back after a complete exchange."""
-        conn.client = None
-        conn.started = False
-        conn.ninterim = conn.head_bytes = 0
-        conn.trailer = None
-        conn.trailers = None
-        t = conn.transport
-        if not reusable or self.retired or t is None or t.is_closing():
-            conn.close()
-            return
-        conn.deadline = self.plane.now + idle_timeout
-        self.idle.append(conn)
-
-    def forget(self, conn: UpstreamConnection) -> None:
-        with contextlib.suppress(ValueError):
-            self.idle.remove(conn)
-
-    def retire(self) -> None:
-        """Stop reusing this endpoint: close idle connections; busy ones close when done."""
-        self.retired = True
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
-
-    # -- passive outlier detection (Envoy-style consecutive failures) ----------------------------
-
-    def record_success(self) -> None:
-        self.consecutive_failures = 0
-
-    def record_failure(self, od: OutlierDetection, now: float) -> bool:
-        """Count a failure; returns True when this failure ejects the endpoint.
-
-        Failures while ejected (panic-mode traffic) do not count: like Envoy, an ejected endpoint
-        is not ejected again until it is back, so its ejection time grows once per ejection, not
-        once per handful of failed requests (which also logged a warning every few milliseconds)."""
-        if self.ejected_until > now:
-            return False
-        self.consecutive_failures += 1
-        if od.consecutive_failures and self.consecutive_failures >= od.consecutive_failures:
-            self.ejections += 1
-            self.consecutive_failures = 0
-            self.ejected_until = now + min(od.base_ejection_time * self.ejections, od.max_ejection_time)
-            return True
-        return False
-
-
-class Balancer:
-    """Round-robin over one upstream's endpoints, skipping ejected ones (never all of them)."""
-
-    __slots__ = ("i", "name", "pools")
-
-    def __init__(self, name: str, pools: tuple[EndpointPool, ...]) -> None:
-        self.name = name
-        self.pools = pools
-        self.i = 0
-
-    def pick(self, now: float, exclude: EndpointPool | None = None) -> EndpointPool | None:
-        """Next endpoint; ejected endpoints are skipped unless every endpoint is ejected."""
-        pools = self.pools
-        n = len(pools)
-        if n == 1:
-            p = pools[0]
-            return None if p is exclude else p
-        for _ in range(n):
-            self.i = (self.i + 1) % n
-            p = pools[self.i]
-            if p is not exclude and p.ejected_until <= now:
-                return p
-        # Everything is ejected: panic mode, like Envoy, rather than failing all traffic.
-        for p in pools:
-            if p is not exclude:
-                return p
-        return None
-
-
-class DataPlaneLike:
-    """What pools need from the data plane (kept tiny to avoid an import cycle)."""
-
-    upstream_conns: set[UpstreamConnection]
-    loop_time: Callable[[], float]  # the event loop's clock
-    # monotonic() (the loop clock's origin) as of the latest read or sweep: deadlines are set from
-    # it instead of reading the clock again (at most one sweep interval stale).
-    now: float
-
-
-class PoolRegistry:
-    """Endpoint pools by `host:port`, kept across reloads so unchanged endpoints keep their
-    connections; balancers are rebuilt per snapshot."""
-
-    def __init__(self, plane: DataPlaneLike) -> None:
-        self.plane = plane
-        self.pools: dict[str, EndpointPool] = {}
-
-    def pool_for(self, endpoint: Endpoint) -> EndpointPool:
-        pool = self.pools.get(endpoint.key)
-        if pool is None or pool.retired:
-            pool = self.pools[endpoint.key] = EndpointPool(endpoint, self.plane)
-        return pool
-
-    def balancer(self, name: str, pools: tuple[EndpointPool, ...]) -> Balancer:
-        return Balancer(name, pools)
-
-    def retain(self, keys: set[str]) -> None:
-        """Retire (drain and close) every pool whose endpoint is no longer configured."""
-        for key in list(self.pools):
-            if key not in keys:
-                self.pools.pop(key).retire()
-
-    def close_all(self) -> None:
-        for pool in self.pools.values():
-            pool.retire()
-
-    def trim_idle(self, n: int) -> int:
-        """Close up to `n` idle pooled connections, oldest first (their descriptors are needed)."""
-        closed = 0
-        for pool in self.pools.values():
-            while pool.idle and closed < n:
-                pool.idle.pop(0).close()
-                closed += 1
-        return closed
