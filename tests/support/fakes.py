@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from proxy.analysis.stats import Stats
 from proxy.config import parse_config
+from proxy.dataplane.clock import Clock
 from proxy.dataplane.legs.http1_upstream import UpstreamConnection
 from proxy.dataplane.pools import PoolRegistry
 from proxy.dataplane.request import Request
@@ -23,12 +24,12 @@ routes:
 
 
 class Plane:
-    """What pools need from a data plane (pools.DataPlaneLike), with a clock the test moves by hand."""
+    """What pools need from a data plane (pools.DataPlaneLike), with a clock the test sets by hand."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.upstream_conns: set[object] = set()
-        self.now = now
-        self.loop_time = lambda: self.now
+        self.clock = Clock()
+        self.clock.now = now
 
 
 def snapshot(text: str = CONFIG, extra: str = "") -> tuple[Snapshot, PoolRegistry, Stats]:

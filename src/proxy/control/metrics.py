@@ -307,7 +307,7 @@ def _ejected(app: ProxyApp) -> GaugeMetricFamily:
     plane = app.plane
     if plane is None:
         return family
-    now = plane.loop_time()
+    now = plane.clock.read()
     for name, target in plane.snapshot.upstreams.items():
         for pool in target.balancer.pools:
             family.add_metric([name, pool.endpoint.key], 1.0 if pool.ejected_until > now else 0.0)

@@ -142,7 +142,7 @@ def _upstreams(app: ProxyApp, now: float) -> dict[str, Any]:
     config = app.config
     plane = app.plane
     pools = plane.pools.pools if plane is not None else {}
-    loop_now = plane.loop_time() if plane is not None else 0.0  # ejections are in loop time
+    loop_now = plane.clock.read() if plane is not None else 0.0  # ejections are in the plane clock
     out: dict[str, Any] = {}
     for name, up in config.upstreams.items():
         keys = [ep.key for ep in up.endpoints]

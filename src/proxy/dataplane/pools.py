@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from proxy.config.model import Endpoint, OutlierDetection
+from proxy.dataplane.clock import Clock
 from proxy.dataplane.legs.base import UpstreamLeg
 
 ConnectionFactory = Callable[["EndpointPool"], asyncio.BaseProtocol]
@@ -21,11 +22,7 @@ class DataPlaneLike(Protocol):
     """What pools need from the data plane."""
 
     upstream_conns: set[UpstreamLeg]
-    loop_time: Callable[[], float]  # the event loop's clock
-    # monotonic() (the loop clock's origin) as of the latest read or sweep: deadlines are set from
-    # it instead of reading the clock again (at most one sweep interval stale).
-    now: float
-
+    clock: Clock
 
 
 class EndpointPool:
@@ -73,7 +70,7 @@ class EndpointPool:
         if not reusable or self.retired or t is None or t.is_closing():
             conn.close()
             return
-        conn.deadline = self.plane.now + idle_timeout
+        conn.deadline = self.plane.clock.now + idle_timeout
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamLeg) -> None:

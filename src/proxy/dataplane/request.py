@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class Request:
         "clen",
         "complete",
         "conn_tokens",
+        "connecting",
         "discard",
         "error",
         "expect",
@@ -111,6 +113,7 @@ class Request:
         self.attempts = 0  # times the request was written to an upstream connection
         self.retries = 0
         self.pool: EndpointPool | None = None
+        self.connecting: asyncio.Task[None] | None = None  # opening an upstream connection for it
         self.hsize = 0
         self.nheaders = 0
         self.max_body: int | None = None

@@ -11,12 +11,12 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from proxy.analysis.stats import KIND_PROTOCOL, KIND_RESET
+from proxy.analysis.stats import KIND_PROTOCOL, KIND_RESET, KIND_TIMEOUT
+from proxy.dataplane import exchange
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.base import P_CONNECT, P_PIPELINE, P_TUNNEL, P_UPLOAD, UpstreamLeg
 from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
@@ -25,7 +25,7 @@ from proxy.dataplane.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Reques
 
 if TYPE_CHECKING:
     from proxy.config.model import Timeouts
-    from proxy.dataplane.plane import DataPlane
+    from proxy.dataplane.context import PlaneContext
 
 log = logging.getLogger("canary_proxy.http")
 
@@ -48,7 +48,7 @@ class Reject(Exception):
 
 
 class ClientConnection(asyncio.BufferedProtocol):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: PlaneContext) -> None:
         self.plane = plane
         self.timeouts: Timeouts = plane.snapshot.config.timeouts
         # Limits and names the header callback needs, read from the request's snapshot once.
@@ -62,7 +62,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.current: Request | None = None  # being proxied
         self.queue: deque[Request] = deque()
         self.upstream: UpstreamConnection | None = None
-        self.connect_task: asyncio.Task[None] | None = None
         self.paused = 0
         self.dead = False  # parser stopped (error or upgrade); no more requests on this connection
         self.closed = False
@@ -107,7 +106,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             transport.write(H.error_response(503, True, plane.new_request_id(), plane.via_line))
             self.close()
             return
-        self.deadline = plane.loop_time() + self.timeouts.client_header
+        self.deadline = plane.clock.read() + self.timeouts.client_header
         self.dkind = D_HEADER
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -116,10 +115,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.plane.tunnels.discard(self)
         if self.tunnel_req is not None:
             treq, self.tunnel_req = self.tunnel_req, None
-            self.plane.log_access(treq)
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
+            exchange.log_access(self.plane, treq)
         up = self.upstream or self.tunnel
         self.upstream = self.tunnel = None
         if up is not None:
@@ -129,14 +125,14 @@ class ClientConnection(asyncio.BufferedProtocol):
         if req is not None:
             self.current = None
             req.status = req.status or 499
-            self.plane.finish(req, aborted=True)
+            exchange.finish(self.plane, req, aborted=True)
         for waiting in (self.req, *self.queue):
             if waiting is not None and waiting.mirror is not None:
                 self.plane.mirrors.drop(waiting)  # never started: its mirror copy goes too
         self.transport = None
 
     def pause_writing(self) -> None:
-        self.write_blocked_at = self.plane.loop_time()
+        self.write_blocked_at = self.plane.clock.read()
         up = self.upstream or self.tunnel
         if up is not None and up.transport is not None:
             up.transport.pause_reading()
@@ -149,7 +145,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if up is not None and up.transport is not None:
             up.transport.resume_reading()
             if up.started and not up.tunnel:
-                up.deadline = self.plane.loop_time() + self.timeouts.response
+                up.deadline = self.plane.clock.read() + self.timeouts.response
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Read at most what the upstream's write buffer still has room for (see read_view)."""
@@ -171,8 +167,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.early.append(data)
             return
         # One clock read per read: the request's start time and every deadline set while parsing.
-        # monotonic() has the loop clock's origin (the sweeper compares with loop.time()).
-        self.plane.now = monotonic()
+        self.plane.clock.read()
         if self.ubuf:
             self.flush_upstream()  # an earlier read's bytes, not yet written: they go first
         req = self.req
@@ -331,7 +326,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.max_header_size = config.limits.max_header_size
         self.route_headers = req.snapshot.route_headers
         if self.dkind == D_IDLE:
-            self.deadline = self.plane.now + self.timeouts.client_header
+            self.deadline = self.plane.clock.now + self.timeouts.client_header
             self.dkind = D_HEADER
 
     def on_url(self, url: bytes) -> None:
@@ -423,7 +418,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         req = self.req
         assert req is not None
         plane = self.plane
-        now = req.t0 = plane.now  # read when this data arrived (see data_received)
+        now = req.t0 = plane.clock.now  # read when this data arrived (see data_received)
         parser = self.parser
         keep_alive = parser.should_keep_alive()
         # Keep-alive without a Connection header can only be HTTP/1.1 (1.0 needs `keep-alive`):
@@ -437,7 +432,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         req.method = parser.get_method()
         req.keep_alive = keep_alive and not plane.draining
         self._validate(req)
-        req.max_body = plane.route_and_limit(req, self)
+        req.max_body = exchange.route(plane, req, self.peer)
         if req.clen >= 0:
             if req.max_body is not None and req.clen > req.max_body:
                 raise Reject(413)
@@ -505,7 +500,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if req.max_body is not None and req.body_bytes > req.max_body:
             raise Reject(413)
         if self.dkind == D_BODY:
-            self.deadline = self.plane.now + self.timeouts.client_body
+            self.deadline = self.plane.clock.now + self.timeouts.client_body
         if req.mirror is not None:
             self.plane.mirrors.body(req, body)
         if req.discard:
@@ -540,24 +535,20 @@ class ClientConnection(asyncio.BufferedProtocol):
         if req.mirror is not None:
             self.plane.mirrors.complete(req)
         if req.discard and self.current is None:  # answered already: now an idle connection
-            self.deadline = self.plane.now + self.timeouts.idle
+            self.deadline = self.plane.clock.now + self.timeouts.idle
             self.dkind = D_IDLE
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
             if req.te is not None:
                 self.up_write(up.transport, last_chunk(req))
-            up.deadline = self.plane.now + (req.try_timeout or self.timeouts.response)
+            up.deadline = self.plane.clock.now + (req.try_timeout or self.timeouts.response)
 
     # -- proxying --------------------------------------------------------------------------------
 
     def start(self, req: Request) -> None:
         """Begin proxying `req` (its head is parsed; its body may still be arriving)."""
         self.current = req
-        self.plane.stats.in_flight += 1
-        if req.error:
-            self.respond_error(req, req.error)
-            return
-        self.plane.dispatch(req, self)
+        exchange.begin(self.plane, self, req)
 
     def forward_body(self, req: Request, transport: asyncio.Transport, body: bytes) -> None:
         req.body_forwarded = True
@@ -592,7 +583,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         else:
             self.up_write(t, req.head)
         if req.complete:
-            conn.deadline = self.plane.now + (req.try_timeout or self.timeouts.response)
+            conn.deadline = self.plane.clock.now + (req.try_timeout or self.timeouts.response)
         else:
             conn.deadline = 0.0
         self.resume_reading_for(P_CONNECT)
@@ -725,9 +716,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if conn.client is self:
             conn.client = None
         conn.until_close = False
-        pool = req.pool
-        if pool is not None:
-            pool.release(conn, upstream_keep_alive and req.complete, self.timeouts.idle)
+        exchange.release(req, conn, upstream_keep_alive)
         self.end_exchange(req)
 
     def end_exchange(self, req: Request) -> None:
@@ -737,7 +726,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             # The exchange may end without an upstream ever taking the request (a proxy error).
             self.resume_reading_for(P_CONNECT | P_UPLOAD)
         self.served += 1
-        self.plane.finish(req, aborted=False)
+        exchange.finish(self.plane, req, aborted=False)
         if req.upgrade is not None and self.dead and req.keep_alive and not self.early and not req.error:
             # A declined upgrade (no 101): the connection goes on as plain HTTP/1.1.
             self.dead = False
@@ -754,11 +743,11 @@ class ClientConnection(asyncio.BufferedProtocol):
         elif self.req is not None and self.req.discard:  # the rest of this body: read and dropped
             self.resume_reading_for(P_PIPELINE)
         elif self.req is not None:  # the next request's head is partly here: it gets the header timeout
-            self.deadline = self.plane.now + self.timeouts.client_header
+            self.deadline = self.plane.clock.now + self.timeouts.client_header
             self.dkind = D_HEADER
             self.resume_reading_for(P_PIPELINE)
         else:
-            self.deadline = self.plane.now + self.timeouts.idle
+            self.deadline = self.plane.clock.now + self.timeouts.idle
             self.dkind = D_IDLE
             self.resume_reading_for(P_PIPELINE)
 
@@ -813,19 +802,6 @@ class ClientConnection(asyncio.BufferedProtocol):
             req.sent = 0 if head_only else H.error_body_size(status)
         self.end_exchange(req)
 
-    def upstream_failed(self, req: Request, kind: int, status: int, reused: bool = False) -> None:
-        """The upstream could not give a response: retry if allowed, else answer `status`.
-        `reused`: the failed connection came from the idle pool (it may have gone stale there)."""
-        if req is not self.current or self.closed:
-            return
-        self.upstream = None
-        if self.plane.retry(req, self, kind, reused):
-            return
-        if req.status:  # the response had started: the client must see a truncated response
-            self.abort()
-            return
-        self.respond_error(req, status)
-
     def upstream_lost(self, leg: UpstreamLeg, exc: Exception | None, transport: object) -> None:
         conn = cast(UpstreamConnection, leg)
         req = self.current
@@ -842,8 +818,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.response_complete(conn, False)  # a body framed by connection close ended normally
             self.flush()
             return
-        self.plane.upstream_error(req, self, KIND_RESET)
-        self.upstream_failed(req, KIND_RESET, 502, conn.reused)
+        self.upstream = None
+        exchange.fail(self.plane, self, req, KIND_RESET, 502, conn.reused)
 
     def upstream_protocol_error(self, leg: UpstreamLeg, why: str) -> None:
         conn = cast(UpstreamConnection, leg)
@@ -853,7 +829,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         if req is None or self.upstream is not conn:
             return
         log.warning("upstream %s:%d sent an invalid response: %s", conn.pool.host, conn.pool.port, why)
-        self.plane.upstream_error(req, self, KIND_PROTOCOL)
         self.upstream = None
         if req.status and self.head_buf is self.wbuf:
             # The head was parsed in this very read and is not sent yet: take it back.
@@ -861,10 +836,21 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.head_buf = None
             req.status = req.sent = 0
             req.framing = F_NONE
-        if req.status:
-            self.abort()
-        else:
-            self.respond_error(req, 502)
+        exchange.fail(self.plane, self, req, KIND_PROTOCOL, 502)
+
+    def upstream_timed_out(self, leg: UpstreamLeg) -> None:
+        """The sweeper found the upstream's response deadline passed."""
+        req = self.current
+        leg.client = None
+        leg.abort()
+        if req is None or self.upstream is not leg:
+            return
+        self.upstream = None
+        exchange.fail(self.plane, self, req, KIND_TIMEOUT, 504)
+
+    def is_idle(self) -> bool:
+        """Nothing in flight, nothing parsed, no tunnel: closing loses nothing (drain)."""
+        return self.current is None and self.req is None and not self.queue and self.tunnel is None
 
     def on_timeout(self, now: float) -> None:
         """The sweeper found our deadline passed."""
@@ -911,7 +897,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.dead = True
         if req is not None:
             self.current = None
-            self.plane.finish(req, aborted=False, log=False)
+            exchange.finish(self.plane, req, aborted=False, log=False)
             self.tunnel_req = req  # logged when the tunnel ends, with the bytes sent down it
         t = conn.transport
         if t is not None:
@@ -976,7 +962,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         t.write_eof()
         self.paused = 0
         t.resume_reading()  # data_received() drops everything: the parser is dead
-        self.deadline = self.plane.loop_time() + LINGER
+        self.deadline = self.plane.clock.read() + LINGER
         self.dkind = D_LINGER
 
     def close(self) -> None:

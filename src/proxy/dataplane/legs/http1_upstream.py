@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -114,8 +113,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if self.tunnel:
             client.tunnel_write(data)
             return
-        plane = self.pool.plane
-        plane.now = now = monotonic()  # for the deadlines set while this response is handled
+        now = self.pool.plane.clock.read()  # for the deadlines set while this response is handled
         started = self.started
         if not started:
             self.head_bytes += len(data)
