@@ -24,7 +24,7 @@ from proxy.control.status import build_status, rollout_status, rollouts_status
 from proxy.fleet.errors import FleetUnavailable
 
 if TYPE_CHECKING:
-    from proxy.control.app import ProxyApp
+    from proxy.control.view import AppView
 
 log = logging.getLogger("canary_proxy.admin")
 
@@ -35,9 +35,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class AdminServer:
-    """The admin HTTP server of one `ProxyApp`."""
+    """The admin HTTP server of one `AppView`."""
 
-    def __init__(self, app: ProxyApp) -> None:
+    def __init__(self, app: AppView) -> None:
         self.app = app
         self.registry = make_registry(app)
         self._runner: web.AppRunner | None = None

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from proxy.control.app import ProxyApp
+    from proxy.control.view import AppView
 
 RESULTS = ("healthy", "breach", "insufficient_data")
 CHECK_STATUSES = ("pass", "breach", "hold")
 
 
-def analysis_families(app: ProxyApp) -> Iterator[Metric]:
+def analysis_families(app: AppView) -> Iterator[Metric]:
     """Every canary_proxy_analysis_* family (no series before a rollout's first tick)."""
     requests = _gauge("window_requests", "Requests in the analysis window.", "rollout", "upstream")
     errors = _gauge("window_errors", "Errors in the analysis window.", "rollout", "upstream")

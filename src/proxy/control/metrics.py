@@ -34,7 +34,7 @@ from proxy.control.metrics_mirror import mirror_families
 from proxy.fleet.report import fleet_metrics
 
 if TYPE_CHECKING:
-    from proxy.control.app import ProxyApp
+    from proxy.control.view import AppView
 
 # Plain text 0.0.4: every name here is a legacy-valid name, and every scraper understands it.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -46,7 +46,7 @@ UNMATCHED = "(none)"  # route/upstream label of requests no route matched
 class ProxyCollector:
     """Reads the app's statistics on every `collect()`; registered in a private registry."""
 
-    def __init__(self, app: ProxyApp) -> None:
+    def __init__(self, app: AppView) -> None:
         self.app = app
 
     def describe(self) -> list[Metric]:
@@ -94,7 +94,7 @@ class ProxyCollector:
             yield from fleet_metrics(app.fleet)
 
 
-def make_registry(app: ProxyApp, *, process: bool = True) -> CollectorRegistry:
+def make_registry(app: AppView, *, process: bool = True) -> CollectorRegistry:
     """A private registry with the proxy collector (and the process/platform/GC collectors)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(app))
@@ -171,7 +171,7 @@ def _errors(upstreams: dict[str, UpstreamStats]) -> CounterMetricFamily:
     return family
 
 
-def _weights(app: ProxyApp) -> GaugeMetricFamily:
+def _weights(app: AppView) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         "canary_proxy_upstream_weight",
         "Percent of a route's traffic an upstream gets now, rollout applied (a `to` route: 100).",
@@ -198,7 +198,7 @@ def _weights(app: ProxyApp) -> GaugeMetricFamily:
     return family
 
 
-def _rollout(app: ProxyApp) -> Iterator[Metric]:
+def _rollout(app: AppView) -> Iterator[Metric]:
     rollbacks = CounterMetricFamily(
         "canary_proxy_rollbacks", "Automatic and manual rollbacks, by canary upstream.", labels=["upstream"]
     )
@@ -273,11 +273,11 @@ def _per_upstream(name: str, doc: str, counts: dict[str, int], names: list[str])
     return family
 
 
-def _upstream_names(app: ProxyApp) -> list[str]:
+def _upstream_names(app: AppView) -> list[str]:
     return list(app.config.upstreams)
 
 
-def current_states(app: ProxyApp) -> dict[str, RolloutState]:
+def current_states(app: AppView) -> dict[str, RolloutState]:
     """Every rollout's state in force, by name (the controllers', else the snapshot's)."""
     if app.controller is not None:
         return app.controller.states
@@ -286,7 +286,7 @@ def current_states(app: ProxyApp) -> dict[str, RolloutState]:
     return {}
 
 
-def current_state(app: ProxyApp) -> RolloutState | None:
+def current_state(app: AppView) -> RolloutState | None:
     """The rollout state in force: the controller's, else the one compiled into the snapshot."""
     controller = app.controller
     if controller is not None and app.config.rollout is not None:
@@ -297,7 +297,7 @@ def current_state(app: ProxyApp) -> RolloutState | None:
     return None
 
 
-def _ejected(app: ProxyApp) -> GaugeMetricFamily:
+def _ejected(app: AppView) -> GaugeMetricFamily:
     """Which endpoints outlier detection has ejected right now (endpoints come from config)."""
     family = GaugeMetricFamily(
         "canary_proxy_endpoint_ejected",

@@ -17,13 +17,13 @@ from proxy.fleet.report import fleet_status
 if TYPE_CHECKING:
     from proxy.analysis.controller import RolloutController
     from proxy.config.model import Config, Route
-    from proxy.control.app import ProxyApp
+    from proxy.control.view import AppView
 
 DEFAULT_WINDOW = 60.0  # seconds of traffic summarised per upstream without a rollout
 MAX_EVENTS = 50
 
 
-def build_status(app: ProxyApp) -> dict[str, Any]:
+def build_status(app: AppView) -> dict[str, Any]:
     """Everything `/status` reports, read from the app at this instant."""
     now = app.clock()
     config = app.config
@@ -50,7 +50,7 @@ def build_status(app: ProxyApp) -> dict[str, Any]:
     return doc
 
 
-def rollouts_status(app: ProxyApp) -> list[dict[str, Any]]:
+def rollouts_status(app: AppView) -> list[dict[str, Any]]:
     """Every rollout's status, in config order (`rollouts` in /status, GET /rollouts)."""
     out: list[dict[str, Any]] = []
     for cfg in app.config.rollouts:
@@ -60,7 +60,7 @@ def rollouts_status(app: ProxyApp) -> list[dict[str, Any]]:
     return out
 
 
-def rollout_status(app: ProxyApp, name: str | None = None) -> dict[str, Any] | None:
+def rollout_status(app: AppView, name: str | None = None) -> dict[str, Any] | None:
     """One rollout's status (default: the first; None without one); also the body of the POSTs."""
     cfg = app.config.rollout if name is None else app.config.rollout_named(name)
     if cfg is None:
@@ -106,7 +106,7 @@ def _analysis(ctl: RolloutController | None) -> dict[str, Any] | None:
     }
 
 
-def _last_verdict(app: ProxyApp, name: str | None = None) -> dict[str, Any] | None:
+def _last_verdict(app: AppView, name: str | None = None) -> dict[str, Any] | None:
     """The latest analysis tick's verdict; else the one behind the last automatic transition."""
     states = current_states(app)
     state = states.get(name) if name is not None else current_state(app)
@@ -138,7 +138,7 @@ def window_summary(stats: WindowStats) -> dict[str, Any]:
     }
 
 
-def _upstreams(app: ProxyApp, now: float) -> dict[str, Any]:
+def _upstreams(app: AppView, now: float) -> dict[str, Any]:
     config = app.config
     plane = app.plane
     pools = plane.pools.pools if plane is not None else {}
@@ -160,7 +160,7 @@ def _upstreams(app: ProxyApp, now: float) -> dict[str, Any]:
     return out
 
 
-def _routes(app: ProxyApp) -> list[dict[str, Any]]:
+def _routes(app: AppView) -> list[dict[str, Any]]:
     config = app.config
     effective = {name: (to, split) for name, to, split in app.plane.snapshot.effective} if app.plane else {}
     out: list[dict[str, Any]] = []
@@ -191,7 +191,7 @@ def _sticky(route: Route) -> str | None:
     return f"cookie:{route.sticky.cookie}"
 
 
-def _events(app: ProxyApp) -> list[dict[str, Any]]:
+def _events(app: AppView) -> list[dict[str, Any]]:
     controller = app.controller
     if controller is None:
         return []

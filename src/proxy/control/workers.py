@@ -30,7 +30,7 @@ from proxy.analysis.statefile import state_from_dict, state_to_dict
 from proxy.analysis.stats import RouteCounts, Stats, UpstreamStats
 
 if TYPE_CHECKING:
-    from proxy.control.app import ProxyApp
+    from proxy.control.view import AppView
 
 log = logging.getLogger("canary_proxy.workers")
 
@@ -116,7 +116,7 @@ def merged_stats(own: Stats, peers: list[dict[str, Any]]) -> Stats:
 class LeaderSync:
     """The leader's Unix-socket endpoint followers sync with."""
 
-    def __init__(self, app: ProxyApp, path: str) -> None:
+    def __init__(self, app: AppView, path: str) -> None:
         self.app = app
         self.path = path
         self.peers: dict[int, dict[str, Any]] = {}
@@ -184,7 +184,7 @@ class LeaderSync:
 class FollowerSync:
     """Pushes this worker's figures to the leader and applies the rollout state it answers with."""
 
-    def __init__(self, app: ProxyApp, role: WorkerRole) -> None:
+    def __init__(self, app: AppView, role: WorkerRole) -> None:
         self.app = app
         self.role = role
         self.sent_upto = int(time.time()) - 1  # seconds <= this were already sent
