@@ -20,6 +20,7 @@ from typing import Any
 
 from proxy.analysis.checks import CheckResult, CheckRunner, combine
 from proxy.analysis.evidence import canary_try_timeout, full_windows
+from proxy.analysis.fastfail import FastFail
 from proxy.analysis.gates import GateRunner
 from proxy.analysis.notify import Notifier
 from proxy.analysis.ports import AlwaysDecide, DeciderGate, FileStore, LocalObservations, Observations, StateStore
@@ -29,6 +30,7 @@ from proxy.analysis.rollout import (
     RolloutEvent,
     RolloutState,
     canary_weight,
+    finished,
     on_command,
     on_verdict,
     trip,
@@ -42,7 +44,6 @@ from proxy.config.model import Config, Rollout
 
 log = logging.getLogger("canary_proxy.rollout")
 MAX_EVENTS = 100
-_DISARMED = 1 << 62  # UpstreamStats.trip_at when fast-fail is off
 
 OnChange = Callable[[RolloutState], None]
 WebhookFactory = Callable[[str], WebhookSender]
@@ -81,7 +82,7 @@ class RolloutController:
         self._last_verdict: Verdict | None = None
         self._last_verdict_at: float | None = None
         self._webhook: WebhookSender | None = None
-        self._armed: str | None = None  # the upstream whose on_trip points at us
+        self._fast_fail = FastFail(stats, self._on_fast_fail)
         self._pending: list[RolloutEvent] = []  # fast-fail work waiting for call_soon
         self._pending_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -178,7 +179,7 @@ class RolloutController:
         self._tune_canary(rollout, state, evidence)
         verdict = judge_evidence(evidence, judging(rollout, state))
         canary, baseline = full_windows(evidence)
-        if rollout.checks and state.phase not in ("rolled_back", "promoted", "unknown_state"):
+        if rollout.checks and not finished(state):
             verdict = combine(verdict, self._checks.poll(rollout, now))
         self._last_verdict = verdict
         self._last_verdict_at = now
@@ -203,7 +204,7 @@ class RolloutController:
             raise LookupError("no rollout is configured")
         new, events = on_command(self._state, name, rollout, self._clock(), reason, full=full)
         if name == "reset":
-            self._reset_fast_fail_count(rollout)
+            self._fast_fail.reset_count(rollout.canary)
             self._checks.forget()  # a tripped check must not trip the fresh start
         if name == "rollback":
             if new is not self._state:
@@ -219,8 +220,8 @@ class RolloutController:
         old = self._state
         if rollout is None or old is None:
             return
-        if old.phase in ("rolled_back", "promoted") and state.phase not in ("rolled_back", "promoted"):
-            self._reset_fast_fail_count(rollout)  # a fresh start must not trip on an old count
+        if finished(old) and not finished(state):
+            self._fast_fail.reset_count(rollout.canary)  # a fresh start must not trip on an old count
             self._checks.forget()
         self._apply(state, events, webhook=webhook)
 
@@ -233,7 +234,7 @@ class RolloutController:
         self._config = config
         rollout = self._rollout()
         if rollout is None:
-            self._disarm()
+            self._fast_fail.disarm()
             self._set_webhook(None)
             self._set_notifier(None)
             self._state = None
@@ -323,7 +324,7 @@ class RolloutController:
         if self._pending_handle is not None:
             self._pending_handle.cancel()
             self._flush_pending()
-        self._disarm()
+        self._fast_fail.disarm()
         webhook, self._webhook = self._webhook, None
         if webhook is not None:
             await webhook.close()
@@ -342,7 +343,7 @@ class RolloutController:
         """Point the data plane's canary knobs at what the analysis needs: its tries tracked while
         they are outstanding, and their per-try timeout (from the baseline's latency)."""
         us = self._stats.upstream(rollout.canary, self._config.metrics.buckets)
-        us.track_inflight = state.phase not in ("rolled_back", "promoted")
+        us.track_inflight = not finished(state)
         us.try_timeout = canary_try_timeout(rollout, evidence, self._config.timeouts.response)
         base = self._stats.upstreams.get(rollout.baseline)
         if base is not None:
@@ -372,7 +373,7 @@ class RolloutController:
                 f" (was {saved.canary} version {saved.canary_version}): rollout restarts"
             )
             events.append(RolloutEvent("reset", now, msg, {"previous_phase": saved.phase}))
-            self._reset_fast_fail_count(rollout)
+            self._fast_fail.reset_count(rollout.canary)
             self._checks.forget()
         self._state = new
         self._save(new)
@@ -450,38 +451,10 @@ class RolloutController:
 
     def _arm(self) -> None:
         """Point the canary's consecutive-error trip at us while a trip can still change anything."""
-        rollout = self._rollout()
-        state = self._state
-        active = (
-            rollout is not None
-            and state is not None
-            and rollout.fast_fail.consecutive_errors > 0
-            and state.phase not in ("rolled_back", "promoted")
-        )
-        if not active or rollout is None:
-            self._disarm()
-            return
-        if self._armed is not None and self._armed != rollout.canary:
-            self._disarm()
-        us = self._stats.upstream(rollout.canary, self._config.metrics.buckets)
-        us.trip_at = rollout.fast_fail.consecutive_errors
-        us.on_trip = self._on_fast_fail
-        self._armed = rollout.canary
-
-    def _disarm(self) -> None:
-        if self._armed is None:
-            return
-        us = self._stats.upstreams.get(self._armed)
-        if us is not None and us.on_trip == self._on_fast_fail:
-            us.trip_at = _DISARMED
-            us.on_trip = None
-        self._armed = None
-
-    def _reset_fast_fail_count(self, rollout: Rollout) -> None:
-        # The count froze while the canary got no traffic; a fresh start must not trip on it.
-        us = self._stats.upstreams.get(rollout.canary)
-        if us is not None:
-            us.consecutive_errors = 0
+        if self._state is None:
+            self._fast_fail.disarm()
+        else:
+            self._fast_fail.update(self._rollout(), self._config.metrics.buckets, self._state)
 
     def trip(self, reason: str, data: dict[str, JSONScalar] | None = None) -> RolloutState | None:
         """Roll back now for `reason` (e.g. a worker's fast-fail); a no-op when rolled back or promoted."""
@@ -494,11 +467,10 @@ class RolloutController:
             self._apply(new, events, latch=True)
         return self._state
 
-    def _on_fast_fail(self) -> None:
-        """Called by UpstreamStats.observe on the data plane's stack: swap the state, defer the rest."""
+    def _on_fast_fail(self, _why: str) -> None:
+        """Called (once) by the fast-fail trip on the data plane's stack: swap the state, defer the rest."""
         rollout = self._rollout()
         state = self._state
-        self._disarm()  # observe() calls again for every further error: once is enough
         if rollout is None or state is None:
             return
         n = rollout.fast_fail.consecutive_errors

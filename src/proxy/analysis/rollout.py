@@ -110,6 +110,15 @@ def reconcile(
     return state
 
 
+FINISHED: tuple[Phase, ...] = ("rolled_back", "promoted", "unknown_state")
+
+
+def finished(state: RolloutState) -> bool:
+    """Rolled back or held on an unusable state file (latched), or promoted: analysis and fast-fail
+    can change nothing any more."""
+    return state.phase in FINISHED
+
+
 def canary_weight(state: RolloutState | None, cfg: Rollout | None) -> float | None:
     """The canary's share (0..100) the rollout imposes, or None to keep the configured weights
     (also always in observe mode: see `ladder_weight` for what it would impose)."""
@@ -140,7 +149,7 @@ def on_verdict(
     A weight or analysis step is done when healthy and its interval is over; a timed pause when
     its time is over; a pause without a duration only by `promote`; a gate when `gate_open` (its
     webhook answered 2xx for this step)."""
-    if state.phase in ("rolled_back", "promoted", "unknown_state"):
+    if finished(state):
         return state, []
     record = VerdictRecord(verdict.kind, verdict.reason, now)
     figures = verdict.figures.as_dict()
@@ -296,7 +305,7 @@ def trip(
     state: RolloutState, cfg: Rollout, now: float, reason: str, data: Mapping[str, JSONScalar]
 ) -> tuple[RolloutState, list[RolloutEvent]]:
     """Roll back now (fast-fail path); a no-op when already rolled back, promoted or held."""
-    if state.phase in ("rolled_back", "promoted", "unknown_state"):
+    if finished(state):
         return state, []
     return _trip(state, cfg, now, reason, data, None)
 

@@ -30,6 +30,10 @@ class RouteCounts:
         self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100; 0 unused
 
 
+# UpstreamStats.trip_at while fast-fail is off: never reached (see proxy.analysis.fastfail).
+DISARMED = 1 << 62
+
+
 class UpstreamStats:
     """Everything recorded about one upstream (all its endpoints)."""
 
@@ -59,7 +63,7 @@ class UpstreamStats:
         self.consecutive_errors = 0  # for fast_fail: reset by any non-error response
         self.window = UpstreamWindow(window_horizon)
         # fast_fail: when consecutive_errors reaches trip_at, on_trip() runs (set by the controller)
-        self.trip_at = 1 << 62
+        self.trip_at = DISARMED
         self.on_trip: Callable[[], None] | None = None
         # The canary's tries still outstanding, by tenth of a second they started (monotonic), so
         # the analysis can count a request slower than the bound before it ends (set by the controller).

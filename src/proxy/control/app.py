@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -15,10 +16,11 @@ from dataclasses import replace
 from typing import IO
 
 from proxy import __version__, native
+from proxy.analysis.fastfail import FastFail
 from proxy.analysis.faults import descriptor_budget
 from proxy.analysis.manager import RolloutManager
-from proxy.analysis.rollout import RolloutState, reconcile
-from proxy.analysis.stats import Stats, UpstreamStats
+from proxy.analysis.rollout import RolloutState, finished, reconcile
+from proxy.analysis.stats import Stats
 from proxy.config import Config, ConfigError, load_config
 from proxy.control import tuning
 from proxy.control.admin import AdminServer
@@ -67,6 +69,7 @@ class ProxyApp:
         self.remote_state: RolloutState | None = None  # followers: the leader's (first) rollout state
         self.remote_states: dict[str, RolloutState] = {}  # followers: every rollout's, by name
         self.fleet: FleetMember | None = None  # fleet mode: this replica's membership (worker 0 only)
+        self._follower_fast_fail: dict[str, FastFail] = {}  # followers: by rollout name
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -156,20 +159,17 @@ class ProxyApp:
         sync = self.follower_sync
         if sync is None:
             return
+        names = {r.name for r in self.config.rollouts}
+        for name in [n for n in self._follower_fast_fail if n not in names]:
+            self._follower_fast_fail.pop(name).disarm()
         for rollout in self.config.rollouts:
-            us = self.stats.upstream(rollout.canary, self.config.metrics.buckets)
-            state = self.remote_states.get(rollout.name)
-            active = rollout.fast_fail.consecutive_errors > 0 and (
-                state is None or state.phase not in ("rolled_back", "promoted")
-            )
-            if not active:
-                us.trip_at = 1 << 62
-                us.on_trip = None
-                continue
-            if fresh is True or (isinstance(fresh, frozenset) and rollout.name in fresh):
-                us.consecutive_errors = 0
-            us.trip_at = rollout.fast_fail.consecutive_errors
-            us.on_trip = _follower_trip(sync, us, rollout.name)
+            ff = self._follower_fast_fail.get(rollout.name)
+            if ff is None:
+                ff = self._follower_fast_fail[rollout.name] = FastFail(
+                    self.stats, functools.partial(_request_trip, sync, rollout.name), repeat=True
+                )
+            renew = fresh is True or (isinstance(fresh, frozenset) and rollout.name in fresh)
+            ff.update(rollout, self.config.metrics.buckets, self.remote_states.get(rollout.name), renew)
 
     def apply_remote_state(self, state: RolloutState | Mapping[str, RolloutState] | None) -> None:
         """Followers: adopt the leader's rollout states (swap only when they changed)."""
@@ -187,7 +187,7 @@ class ProxyApp:
         fresh = frozenset(
             name
             for name in states
-            if old.get(name) is None or old[name].phase in ("rolled_back", "promoted")
+            if old.get(name) is None or finished(old[name])
         )
         self._arm_follower_fast_fail(fresh=fresh)
         self._rollout_changed(states)
@@ -380,8 +380,8 @@ class ProxyApp:
         return 0
 
 
-def _follower_trip(sync: FollowerSync, us: UpstreamStats, rollout: str) -> Callable[[], None]:
-    return lambda: sync.request_trip(f"{us.consecutive_errors} consecutive errors from {us.name}", rollout)
+def _request_trip(sync: FollowerSync, rollout: str, why: str) -> None:
+    sync.request_trip(why, rollout)
 
 
 def _open_log(path: str | None) -> IO[str] | None:

@@ -233,7 +233,7 @@ def _rollout(app: AppView) -> Iterator[Metric]:
     return iter((rollbacks, step, phase, stalled, *analysis_families(app)))
 
 
-def _durability(app: ProxyApp, stats: Stats) -> Iterator[Metric]:
+def _durability(app: AppView, stats: Stats) -> Iterator[Metric]:
     """The state file's durability and the proxy's own (local) failures."""
     local = CounterMetricFamily(
         "canary_proxy_local_errors",

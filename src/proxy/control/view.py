@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from proxy.analysis.stats import Stats
     from proxy.config.model import Config
     from proxy.dataplane.plane import DataPlane
+    from proxy.fleet.member import FleetMember
 
 
 class AppView(Protocol):
@@ -24,10 +25,12 @@ class AppView(Protocol):
     stats: Stats
     plane: DataPlane | None
     controller: RolloutManager | None
+    fleet: FleetMember | None  # fleet mode: this replica's membership
     clock: Callable[[], float]
     loaded_at: float
     last_error: str | None
     last_error_at: float | None
+    remote_states: dict[str, RolloutState]  # followers: the leader's rollout states, by name
 
     @property
     def draining(self) -> bool: ...
