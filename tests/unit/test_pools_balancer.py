@@ -2,42 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from support.fakes import Plane
+from support.fakes import FakeLeg, Plane
 
 from proxy.config.model import Endpoint, OutlierDetection
 from proxy.dataplane.balancer import Balancer
 from proxy.dataplane.pools import EndpointPool, PoolRegistry
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.closing = False
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-
-class FakeLeg:
-    """An upstream leg as pools see it (legs.base.UpstreamLeg)."""
-
-    def __init__(self, pool: Any = None) -> None:
-        self.transport: Any = FakeTransport()
-        self.client: Any = None
-        self.deadline = 0.0
-        self.reused = False
-        self.started = False
-        self.tunnel = False
-        self.until_close = False
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-        self.transport.closing = True
-
-    def abort(self) -> None:
-        self.close()
 
 
 def endpoint(port: int) -> Endpoint:
@@ -66,6 +35,7 @@ def test_unreusable_closed_or_retired_connections_are_closed_not_pooled() -> Non
     p = pool()
     a, b = FakeLeg(), FakeLeg()
     p.release(a, False, 60.0)  # type: ignore[arg-type]
+    assert b.transport is not None
     b.transport.closing = True
     p.release(b, True, 60.0)  # type: ignore[arg-type]
     assert a.closed and b.closed and p.take_idle() is None
@@ -83,6 +53,7 @@ def test_take_idle_skips_connections_that_closed_while_idle() -> None:
     dead, alive = FakeLeg(), FakeLeg()
     p.release(alive, True, 60.0)  # type: ignore[arg-type]
     p.release(dead, True, 60.0)  # type: ignore[arg-type]
+    assert dead.transport is not None
     dead.transport.closing = True
     assert p.take_idle() is alive
 
