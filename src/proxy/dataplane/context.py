@@ -60,6 +60,14 @@ class ClientSide(Protocol):
     def abort(self) -> None: ...
 
 
+class Flushable(Protocol):
+    """A connection with writes deferred to the end of the loop iteration."""
+
+    queued: bool
+
+    def flush_queued(self) -> None: ...
+
+
 class PlaneContext:
     """The data plane's shared state; :class:`proxy.dataplane.plane.DataPlane` adds the lifecycle."""
 
@@ -92,7 +100,7 @@ class PlaneContext:
         self.via = H.VIA_TOKEN
         self.via_line = H.via_line(self.via)
         self.via_line10 = H.via_line(self.via, True)
-        self._flushes: list[ClientSide] = []  # deferred writes, see ClientConnection.flush_later
+        self._flushes: list[Flushable] = []  # deferred writes, see ClientConnection.flush_later
 
     def admit(self) -> bool:
         """A new client connection (already in `clients`) may stay: within max_connections and
@@ -126,7 +134,7 @@ class PlaneContext:
         self.last_id += 1
         return self.id_prefix + b"%x" % self.last_id
 
-    def queue_flush(self, client: ClientSide) -> None:
+    def queue_flush(self, client: Flushable) -> None:
         """Have `client.flush_queued()` called once the loop has handled this round of events."""
         if not self._flushes:
             self.loop.call_soon(self._flush_all)

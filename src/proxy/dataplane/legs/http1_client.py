@@ -1,99 +1,49 @@
-"""Client leg: one asyncio.Protocol per client connection, parsing requests with httptools.
+"""Client leg (HTTP/1.1): one asyncio protocol per client connection, parsing requests with httptools.
 
-A request is parsed, validated, routed (reading the snapshot once), and streamed to an upstream
-connection; the response streams back through :mod:`proxy.dataplane.legs.http1_upstream`. Pipelined requests are
-queued and answered in order. Reading is paused whenever a peer cannot keep up (backpressure).
+A request head is parsed and checked (:mod:`.http1_request`), handed to the exchange
+(:mod:`proxy.dataplane.exchange`) which routes it and finds an upstream connection, and its body is
+streamed on; the response streams back through :class:`.http1_respond.ClientResponder`. Pipelined
+requests are queued and answered in order. Reading is paused whenever a peer cannot keep up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from proxy.analysis.stats import KIND_PROTOCOL, KIND_RESET, KIND_TIMEOUT
 from proxy.dataplane import exchange
 from proxy.dataplane.legs import http1_headers as H
-from proxy.dataplane.legs.base import P_CONNECT, P_PIPELINE, P_TUNNEL, P_UPLOAD, UpstreamLeg
-from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
-from proxy.dataplane.legs.http1_upstream import UpstreamConnection
-from proxy.dataplane.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Request
+from proxy.dataplane.legs.base import P_CONNECT, P_PIPELINE, P_TUNNEL
+from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW
+from proxy.dataplane.legs.http1_io import (
+    BATCH_BELOW,
+    D_BODY,
+    D_HEADER,
+    D_IDLE,
+    D_NONE,
+)
+from proxy.dataplane.legs.http1_request import Reject, add_header, add_trailer, last_chunk, validate
+from proxy.dataplane.legs.http1_respond import ClientResponder
+from proxy.dataplane.request import Request
 
 if TYPE_CHECKING:
-    from proxy.config.model import Timeouts
     from proxy.dataplane.context import PlaneContext
 
 log = logging.getLogger("canary_proxy.http")
 
-# What the client deadline means.
-D_NONE, D_HEADER, D_IDLE, D_BODY, D_LINGER = range(5)
-# Reads smaller than this have their writes batched to the end of the loop iteration.
-BATCH_BELOW = 16384
-# After an error response: how long we keep reading (and discarding) before the final close.
-LINGER = 2.0
-# A response that ends before its request body has fully arrived keeps the client connection (the
-# rest of the body is read and dropped, like nginx's discarded body) when at most this much is left.
-DISCARD_MAX = 1 << 20
 
+class ClientConnection(ClientResponder):
+    """The asyncio protocol of one client connection: parser callbacks and deadlines."""
 
-class Reject(Exception):
-    """Raised from a parser callback to stop parsing and answer `status`."""
-
-    def __init__(self, status: int) -> None:
-        self.status = status
-
-
-class ClientConnection(asyncio.BufferedProtocol):
     def __init__(self, plane: PlaneContext) -> None:
-        self.plane = plane
-        self.timeouts: Timeouts = plane.snapshot.config.timeouts
-        # Limits and names the header callback needs, read from the request's snapshot once.
-        self.max_headers = 0
-        self.max_header_size = 0
-        self.route_headers: frozenset[bytes] = frozenset()
+        super().__init__(plane)
         self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.peer = b""
-        self.req: Request | None = None  # being parsed
-        self.current: Request | None = None  # being proxied
-        self.queue: deque[Request] = deque()
-        self.upstream: UpstreamConnection | None = None
-        self.paused = 0
-        self.dead = False  # parser stopped (error or upgrade); no more requests on this connection
-        self.closed = False
-        self.tunnel: UpstreamConnection | None = None
-        self.early: list[bytes] = []  # bytes after an Upgrade request, before the 101
-        self.deadline = 0.0
-        self.dkind = D_NONE
-        self.write_blocked_at = 0.0
-        self.served = 0
-        # Response bytes produced while the upstream's data is parsed, written in one call after.
-        self.wbuf: list[bytes] = []
-        self.queued = False  # in the data plane's end-of-iteration flush list
-        # Where the current response's head sits in `wbuf` while it is still unsent: an upstream
-        # error found later in the same read can then become a clean 502 instead of a truncation.
-        self.head_buf: list[bytes] | None = None
-        self.head_at = 0
-        # Request bytes produced while the client's data is parsed (see data_received).
-        self.feeding = False
-        self.ubuf: list[bytes] = []
-        self.ubuf_t: asyncio.Transport | None = None
         # Bytes of reads that made no parsing progress (the parser buffers an unfinished header
         # name/value itself and reports it only once complete): bounded by max_header_size.
         self.quiet = 0
-        # Upgrade requests: llhttp (as httptools drives it) skips the body of a request carrying
-        # Upgrade and hands every later byte over as "upgrade data". We frame such a body ourselves
-        # so it streams at once (an upstream may ignore the upgrade, RFC 9110 7.8).
-        self.upgrading: Request | None = None  # the request llhttp is about to report as an upgrade
-        self.ubody_left = 0  # Content-Length bytes still due; -1: chunked (see `ubody_parser`)
-        self.ubody_parser: httptools.HttpRequestParser | None = None
-        self.tunnel_req: Request | None = None  # a 101's request: logged when the tunnel ends
-
-    # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -130,28 +80,6 @@ class ClientConnection(asyncio.BufferedProtocol):
             if waiting is not None and waiting.mirror is not None:
                 self.plane.mirrors.drop(waiting)  # never started: its mirror copy goes too
         self.transport = None
-
-    def pause_writing(self) -> None:
-        self.write_blocked_at = self.plane.clock.read()
-        up = self.upstream or self.tunnel
-        if up is not None and up.transport is not None:
-            up.transport.pause_reading()
-            if up.started and not up.tunnel:
-                up.deadline = 0.0  # a slow client is the send timeout's business, not the upstream's
-
-    def resume_writing(self) -> None:
-        self.write_blocked_at = 0.0
-        up = self.upstream or self.tunnel
-        if up is not None and up.transport is not None:
-            up.transport.resume_reading()
-            if up.started and not up.tunnel:
-                up.deadline = self.plane.clock.read() + self.timeouts.response
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        """Read at most what the upstream's write buffer still has room for (see read_view)."""
-        up = self.upstream or self.tunnel
-        t = up.transport if up is not None else None
-        return read_view(t.get_write_buffer_size() if t is not None else 0)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(bytes(READ_VIEW[:nbytes]))
@@ -291,32 +219,6 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.ubuf = []
             self.ubuf_t = None
 
-    def up_write(self, t: asyncio.Transport, data: bytes) -> None:
-        """Write towards the upstream (deferred to the end of the read being parsed, if any)."""
-        if not self.feeding:
-            if self.ubuf:
-                self.flush_upstream()  # keep the order
-            t.write(data)
-            return
-        if self.ubuf_t is not t:
-            self.flush_upstream()
-            self.ubuf_t = t
-        self.ubuf.append(data)
-
-    def flush_upstream_later(self) -> None:
-        """Write this read's upstream bytes at the end of the loop iteration (see flush_later)."""
-        if not self.queued:
-            self.queued = True
-            self.plane.queue_flush(self)
-
-    def flush_upstream(self) -> None:
-        t, self.ubuf_t = self.ubuf_t, None
-        buf, self.ubuf = self.ubuf, []
-        if buf and t is not None and not t.is_closing():
-            t.write(buf[0] if len(buf) == 1 else b"".join(buf))
-
-    # -- request parsing (httptools callbacks) ---------------------------------------------------
-
     def on_message_begin(self) -> None:
         self.req = req = Request(self.plane.snapshot)
         req.peer = self.peer
@@ -346,73 +248,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # OWS is not part of the value (RFC 9110 5.5); llhttp strips the leading one
         if req.t0:
-            self._trailer(req, name, value)
+            add_trailer(req, name, value)
             return
-        known = H.REQUEST_EXACT.get(name)
-        if known is not None:
-            kind, lname = known
-        else:
-            lname = name.lower()
-            kind = H.REQUEST_SPECIAL.get(lname, H.H_PLAIN)
-        if lname in self.route_headers:
-            old = req.rhdrs.get(lname)
-            # Repeats are joined like one list-valued header; cookie pairs are `;`-separated.
-            req.rhdrs[lname] = value if old is None else old + (b"; " if lname == b"cookie" else b", ") + value
-        if kind == H.H_PLAIN:
-            if known is None and b"_" in lname:
-                alias = H.UNDERSCORE_ALIASES.get(lname.replace(b"-", b"_"))
-                if alias == H.H_BAD:
-                    raise Reject(400)
-                if alias is not None:
-                    return  # an alias of a header we set or drop ourselves
-            req.lines.append(name + b": " + value + b"\r\n")
-        elif kind == H.H_CL:
-            req.clen = int(value)
-            if req.clen > H.MAX_CONTENT_LENGTH:
-                raise Reject(413)
-        elif kind == H.H_HOST:
-            if req.host is not None:
-                raise Reject(400)
-            req.host = value
-            req.lines.append(name + b": " + value + b"\r\n")
-        elif kind == H.H_TE:
-            if req.te is not None:
-                raise Reject(400)
-            req.te = value
-        elif kind == H.H_CONNECTION:
-            req.conn_tokens = (req.conn_tokens or []) + H.connection_tokens(value)
-        elif kind == H.H_XFF:
-            req.xff = value if req.xff is None else req.xff + b", " + value
-        elif kind == H.H_XFPROTO:
-            req.xfproto = value
-        elif kind == H.H_XFHOST:
-            req.xfhost = value
-        elif kind == H.H_VIA:
-            req.via = value if req.via is None else req.via + b", " + value
-            req.lines.append(name + b": " + value + b"\r\n")
-        elif kind == H.H_REQID:
-            req.reqid = value
-        elif kind == H.H_EXPECT:
-            if value.strip().lower() != b"100-continue":
-                raise Reject(417)
-            req.expect = True
-            req.lines.append(name + b": " + value + b"\r\n")
-        elif kind == H.H_UPGRADE:
-            req.upgrade = value
-            req.wants_upgrade = True
-        elif kind == H.H_TRAILER:
-            req.trailer = value if req.trailer is None else req.trailer + b", " + value
-        # H_HOP: dropped
-
-    @staticmethod
-    def _trailer(req: Request, name: bytes, value: bytes) -> None:
-        """A trailer field after a chunked body: relayed (the upstream leg is chunked too), except
-        the fields a trailer must not carry (framing, routing, our own headers; RFC 9110 6.5.1)."""
-        if name.lower() in H.REQUEST_SPECIAL:
-            return
-        if req.trailers is None:
-            req.trailers = []
-        req.trailers.append(name + b": " + value + b"\r\n")
+        add_header(req, name, value, self.route_headers)
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -431,7 +269,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                 req.version10 = True
         req.method = parser.get_method()
         req.keep_alive = keep_alive and not plane.draining
-        self._validate(req)
+        validate(req, self.plane.via)
         req.max_body = exchange.route(plane, req, self.peer)
         if req.clen >= 0:
             if req.max_body is not None and req.clen > req.max_body:
@@ -451,47 +289,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         else:
             self.queue.append(req)
             self.pause_reading_for(P_PIPELINE)
-
-    def _validate(self, req: Request) -> None:
-        """Refuse what must never be forwarded (RFC 9112 framing, smuggling vectors, loops)."""
-        if req.method == b"CONNECT":
-            raise Reject(405)
-        # Only a lone `chunked` coding is accepted; HTTP/1.0 cannot use chunked at all.
-        if req.te is not None and (req.version10 or req.te.strip().lower() != b"chunked"):
-            raise Reject(400 if req.version10 else 501)
-        if req.host is None:
-            if not req.version10:
-                raise Reject(400)
-        elif not H.valid_host(req.host):
-            raise Reject(400)  # RFC 9112 3.2: Host is uri-host [":" port]; `evil.com:80@x` is not
-        target = req.target
-        if target[:1] != b"/":
-            if target == b"*" and req.method == b"OPTIONS":
-                req.path = b"*"
-                return
-            lower = target[:8].lower()
-            if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
-                raise Reject(400)
-            # Absolute form never chooses the destination: its authority must equal Host.
-            rest = target.split(b"://", 1)[1]
-            slash = rest.find(b"/")
-            authority = rest if slash < 0 else rest[:slash]
-            if req.host is None or authority.lower() != req.host.lower():
-                raise Reject(400)
-            target = b"/" if slash < 0 else rest[slash:]
-            req.target = target
-        q = target.find(b"?")
-        if q < 0:
-            req.path = target
-        else:
-            req.path = target[:q]
-            req.query = target[q + 1 :]
-        token = self.plane.via
-        if req.via is not None and token and token in req.via:
-            for entry in req.via.split(b","):
-                parts = entry.split()
-                if len(parts) >= 2 and parts[1] == token:
-                    raise Reject(508)
 
     def on_body(self, body: bytes) -> None:
         req = self.req
@@ -543,224 +340,6 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.up_write(up.transport, last_chunk(req))
             up.deadline = self.plane.clock.now + (req.try_timeout or self.timeouts.response)
 
-    # -- proxying --------------------------------------------------------------------------------
-
-    def start(self, req: Request) -> None:
-        """Begin proxying `req` (its head is parsed; its body may still be arriving)."""
-        self.current = req
-        exchange.begin(self.plane, self, req)
-
-    def forward_body(self, req: Request, transport: asyncio.Transport, body: bytes) -> None:
-        req.body_forwarded = True
-        if req.te is not None:
-            self.up_write(transport, b"%x\r\n" % len(body))
-            self.up_write(transport, body)
-            self.up_write(transport, b"\r\n")
-        else:
-            self.up_write(transport, body)
-
-    def upstream_ready(self, leg: UpstreamLeg) -> None:
-        """An upstream connection is ours: send the head and whatever body is buffered."""
-        conn = cast(UpstreamConnection, leg)
-        req = self.current
-        t = conn.transport
-        if req is None or self.closed or t is None:
-            return
-        self.upstream = conn
-        conn.client = self
-        if self.write_blocked_at:
-            t.pause_reading()  # the client still cannot take more: resume_writing() lets this one in
-        req.attempts += 1
-        if req.body:
-            self.up_write(t, req.head)
-            chunks, req.body = req.body, []
-            for chunk in chunks:
-                self.forward_body(req, t, chunk)
-            if req.complete and req.te is not None:
-                self.up_write(t, last_chunk(req))
-        elif req.complete and req.te is not None:
-            self.up_write(t, req.head + last_chunk(req))
-        else:
-            self.up_write(t, req.head)
-        if req.complete:
-            conn.deadline = self.plane.clock.now + (req.try_timeout or self.timeouts.response)
-        else:
-            conn.deadline = 0.0
-        self.resume_reading_for(P_CONNECT)
-
-    def response_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
-        req = self.current
-        if req is None or req.version10 or self.transport is None:
-            return
-        self.wbuf.append(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines)))
-
-    def response_head(self, leg: UpstreamLeg, status: int) -> None:
-        conn = cast(UpstreamConnection, leg)
-        req = self.current
-        transport = self.transport
-        if req is None or transport is None:
-            return
-        if not 100 <= status <= 599:  # llhttp takes any three digits; the client must never see them
-            self.upstream_protocol_error(conn, f"status {status} out of range")
-            return
-        req.status = status
-        keep = req.keep_alive and not self.plane.draining
-        if not req.complete:
-            # nginx reads and drops the rest of a body the upstream did not wait for, and keeps
-            # the connection; so do we when little is left (and a Content-Length says how much).
-            if (req.expect and not req.body_bytes) or req.clen < 0 or req.clen - req.body_bytes > DISCARD_MAX:
-                keep = False
-            elif status != 101:
-                req.discard = True
-        if req.upgrade is not None and status != 101 and (self.early or b"close" in (conn.conn_tokens or ())):
-            keep = False  # a declined upgrade: bytes sent for the tunnel, or the upstream closes
-        lines = conn.filtered_lines()
-        extra = self.plane.via_line_for(req.version10)
-        if not conn.has_reqid and req.reqid is not None:
-            extra += b"X-Request-Id: " + req.reqid + b"\r\n"
-        if req.set_cookie is not None:
-            extra += b"Set-Cookie: " + req.set_cookie + b"\r\n"
-        if status == 101:
-            if req.upgrade is None or conn.upgrade is None:
-                req.status = 0  # nothing was sent: the client gets a 502
-                self.upstream_protocol_error(conn, "101 without an upgrade request and response")
-                return
-            self.wbuf.append(
-                b"HTTP/1.1 101 %s\r\n%sConnection: upgrade\r\nUpgrade: %s\r\n%s\r\n"
-                % (conn.reason, b"".join(lines), conn.upgrade, extra)
-            )
-            self.flush()
-            self.begin_tunnel(conn)
-            return
-        if req.method == b"HEAD" or status == 204 or status == 304:
-            req.framing = F_NONE
-            if conn.chunked and status != 204 and not req.version10:
-                extra += b"Transfer-Encoding: chunked\r\n"  # what a GET would get (RFC 9110 9.3.2)
-        elif conn.has_length:
-            req.framing = F_LENGTH
-        elif not req.version10:
-            req.framing = F_CHUNKED
-            extra += b"Transfer-Encoding: chunked\r\n"
-            if conn.trailer is not None and conn.chunked:
-                extra += b"Trailer: " + conn.trailer + b"\r\n"
-        else:
-            req.framing = F_CLOSE
-            keep = False
-        if not conn.chunked and not conn.has_length and req.framing != F_NONE:
-            conn.until_close = True
-        if not keep:
-            req.keep_alive = False
-            extra += b"Connection: close\r\n"
-        elif req.version10:
-            extra += b"Connection: keep-alive\r\n"
-        self.head_buf, self.head_at = self.wbuf, len(self.wbuf)
-        self.wbuf.append(b"".join([H.STATUS_PREFIX[status], conn.reason, b"\r\n", *lines, extra, b"\r\n"]))
-        if req.framing == F_NONE and req.method == b"HEAD":
-            # llhttp would wait for a HEAD response's announced body: finish here, parse afresh.
-            keep_upstream = conn.head_keep_alive()
-            conn.reset_parser()
-            self.response_complete(conn, keep_upstream)
-
-    def response_body(self, body: bytes) -> None:
-        req = self.current
-        if req is None:
-            return
-        req.sent += len(body)
-        if req.framing == F_CHUNKED:
-            self.wbuf += (b"%x\r\n" % len(body), body, b"\r\n")
-        else:
-            self.wbuf.append(body)
-
-    def flush_later(self, read_size: int) -> None:
-        """Write what the response produced during this read at the end of the loop iteration,
-        together with every other connection's writes: the peers (client, upstream) are then woken
-        in one burst rather than one at a time while we are still parsing, which costs the kernel
-        far less (a wake-up of an idle CPU is an inter-processor interrupt). Large reads are
-        written at once: they are streams, where memory and backpressure matter more."""
-        if read_size >= BATCH_BELOW:
-            self.flush()
-        elif self.wbuf and not self.queued:
-            self.queued = True
-            self.plane.queue_flush(self)
-
-    def flush_queued(self) -> None:
-        """Called once per loop iteration by the data plane for connections that deferred writes."""
-        self.queued = False
-        if self.ubuf:
-            self.flush_upstream()
-        if self.wbuf:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write what the response produced during this read, in one call."""
-        wbuf = self.wbuf
-        if wbuf:
-            self.wbuf = []
-            t = self.transport
-            if t is not None:
-                t.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
-
-    def response_complete(self, leg: UpstreamLeg, upstream_keep_alive: bool) -> None:
-        conn = cast(UpstreamConnection, leg)
-        req = self.current
-        if req is None:
-            return
-        if req.framing == F_CHUNKED:
-            trailers = conn.trailers
-            if trailers:
-                conn.trailers = None
-                self.wbuf.append(b"".join([b"0\r\n", *trailers, b"\r\n"]))
-            else:
-                self.wbuf.append(b"0\r\n\r\n")
-        self.upstream = None
-        if conn.client is self:
-            conn.client = None
-        conn.until_close = False
-        exchange.release(req, conn, upstream_keep_alive)
-        self.end_exchange(req)
-
-    def end_exchange(self, req: Request) -> None:
-        """The response is fully written: record it, then serve the next request or close."""
-        self.current = None
-        if self.paused & (P_CONNECT | P_UPLOAD):
-            # The exchange may end without an upstream ever taking the request (a proxy error).
-            self.resume_reading_for(P_CONNECT | P_UPLOAD)
-        self.served += 1
-        exchange.finish(self.plane, req, aborted=False)
-        if req.upgrade is not None and self.dead and req.keep_alive and not self.early and not req.error:
-            # A declined upgrade (no 101): the connection goes on as plain HTTP/1.1.
-            self.dead = False
-            self.parser = httptools.HttpRequestParser(self)
-            self.resume_reading_for(P_TUNNEL)
-        if not req.keep_alive or (self.dead and not self.queue):
-            if req.error:
-                self.linger()
-            else:
-                self.close()
-            return
-        if self.queue:
-            self.plane.loop.call_soon(self._next_in_line)
-        elif self.req is not None and self.req.discard:  # the rest of this body: read and dropped
-            self.resume_reading_for(P_PIPELINE)
-        elif self.req is not None:  # the next request's head is partly here: it gets the header timeout
-            self.deadline = self.plane.clock.now + self.timeouts.client_header
-            self.dkind = D_HEADER
-            self.resume_reading_for(P_PIPELINE)
-        else:
-            self.deadline = self.plane.clock.now + self.timeouts.idle
-            self.dkind = D_IDLE
-            self.resume_reading_for(P_PIPELINE)
-
-    def _next_in_line(self) -> None:
-        if self.closed or self.current is not None or not self.queue:
-            return
-        req = self.queue.popleft()
-        if not self.queue:
-            self.resume_reading_for(P_PIPELINE)
-        self.start(req)
-
-    # -- failures --------------------------------------------------------------------------------
-
     def bad_request(self, status: int) -> None:
         """Malformed input: answer in order, never forward anything more, close."""
         self.dead = True
@@ -785,207 +364,6 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.start(req)
         else:
             self.queue.append(req)
-
-    def respond_error(self, req: Request, status: int) -> None:
-        """Answer `req` with a proxy-generated error response."""
-        req.status = status
-        transport = self.transport
-        self.flush()
-        if transport is not None:
-            close = not req.keep_alive or (status >= 500 and req.body_bytes > 0) or not req.complete
-            if close:
-                req.keep_alive = False
-            if req.reqid is None:
-                req.reqid = self.plane.new_request_id()
-            head_only = req.method == b"HEAD"
-            transport.write(H.error_response(status, close, req.reqid, self.plane.via_line, head_only))
-            req.sent = 0 if head_only else H.error_body_size(status)
-        self.end_exchange(req)
-
-    def upstream_lost(self, leg: UpstreamLeg, exc: Exception | None, transport: object) -> None:
-        conn = cast(UpstreamConnection, leg)
-        req = self.current
-        if self.tunnel is conn:
-            # Flush what the upstream sent (a WebSocket close frame, say), then close gently: a
-            # full close with unread client data would reset the connection and lose it.
-            self.tunnel = None
-            self.plane.tunnels.discard(self)
-            self.linger()
-            return
-        if req is None or self.upstream is not conn:
-            return
-        if conn.until_close and exc is None:
-            self.response_complete(conn, False)  # a body framed by connection close ended normally
-            self.flush()
-            return
-        self.upstream = None
-        exchange.fail(self.plane, self, req, KIND_RESET, 502, conn.reused)
-
-    def upstream_protocol_error(self, leg: UpstreamLeg, why: str) -> None:
-        conn = cast(UpstreamConnection, leg)
-        req = self.current
-        conn.client = None
-        conn.abort()
-        if req is None or self.upstream is not conn:
-            return
-        log.warning("upstream %s:%d sent an invalid response: %s", conn.pool.host, conn.pool.port, why)
-        self.upstream = None
-        if req.status and self.head_buf is self.wbuf:
-            # The head was parsed in this very read and is not sent yet: take it back.
-            del self.wbuf[self.head_at :]
-            self.head_buf = None
-            req.status = req.sent = 0
-            req.framing = F_NONE
-        exchange.fail(self.plane, self, req, KIND_PROTOCOL, 502)
-
-    def upstream_timed_out(self, leg: UpstreamLeg) -> None:
-        """The sweeper found the upstream's response deadline passed."""
-        req = self.current
-        leg.client = None
-        leg.abort()
-        if req is None or self.upstream is not leg:
-            return
-        self.upstream = None
-        exchange.fail(self.plane, self, req, KIND_TIMEOUT, 504)
-
-    def is_idle(self) -> bool:
-        """Nothing in flight, nothing parsed, no tunnel: closing loses nothing (drain)."""
-        return self.current is None and self.req is None and not self.queue and self.tunnel is None
-
-    def on_timeout(self, now: float) -> None:
-        """The sweeper found our deadline passed."""
-        if self.dkind == D_IDLE:
-            self.close()
-        elif self.dkind == D_LINGER:
-            self.abort()
-        elif self.dkind == D_HEADER:
-            if self.req is not None and self.req.discard:
-                self.close()
-            elif self.req is not None and self.current is None:
-                self.dead = True
-                req, self.req = self.req, None
-                req.keep_alive = False
-                self.start_error(req, 408)
-            elif self.current is None:
-                self.close()
-        elif self.dkind == D_BODY:
-            cur = self.current
-            if cur is not None and not cur.status and self.upstream is not None:
-                up, self.upstream = self.upstream, None
-                up.client = None
-                up.abort()
-                cur.keep_alive = False
-                cur.error = 408
-                self.respond_error(cur, 408)
-            else:
-                self.abort()
-        self.dkind = D_NONE
-
-    def start_error(self, req: Request, status: int) -> None:
-        req.error = status
-        self.start(req)
-
-    # -- tunnel (Upgrade) ------------------------------------------------------------------------
-
-    def begin_tunnel(self, conn: UpstreamConnection) -> None:
-        req = self.current
-        self.upstream = None
-        self.tunnel = conn
-        conn.tunnel = True
-        conn.deadline = 0.0
-        self.dkind = D_NONE
-        self.dead = True
-        if req is not None:
-            self.current = None
-            exchange.finish(self.plane, req, aborted=False, log=False)
-            self.tunnel_req = req  # logged when the tunnel ends, with the bytes sent down it
-        t = conn.transport
-        if t is not None:
-            for chunk in self.early:
-                t.write(chunk)
-        self.early = []
-        self.plane.tunnels.add(self)
-        self.paused = 0
-        if self.transport is not None:
-            self.transport.resume_reading()
-        if self.write_blocked_at and t is not None:
-            t.pause_reading()
-
-    def tunnel_write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
-            if self.tunnel_req is not None:
-                self.tunnel_req.sent += len(data)
-
-    # -- flow control and closing ----------------------------------------------------------------
-
-    def pause_reading_for(self, reason: int) -> None:
-        if not self.paused and self.transport is not None:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def resume_reading_for(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused and self.transport is not None:
-                self.transport.resume_reading()
-
-    def check_gone(self) -> None:
-        """Reading is paused (pipelining, backpressure, connecting), so a FIN or RST from the client
-        goes unseen: peek at the socket (called by the sweeper, never per request)."""
-        t = self.transport
-        sock = t.get_extra_info("socket") if t is not None else None
-        if sock is None:
-            return
-        probe = socket.socket(sock.family, sock.type, fileno=sock.fileno())
-        try:
-            data = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return  # nothing to read: still there
-        except OSError:
-            data = b""  # reset
-        finally:
-            probe.detach()
-        if not data:
-            self.abort()  # gone: connection_lost() aborts its upstream work too
-
-    def linger(self) -> None:
-        """Close after an error response, gently: half-close, then read and discard what the client
-        is still sending until it closes or LINGER passes. Closing with unread input makes the
-        kernel send a RST, and the client could lose the error response we just wrote."""
-        self.dead = True
-        self.flush()
-        t = self.transport
-        if t is None or not t.can_write_eof():
-            self.close()
-            return
-        t.write_eof()
-        self.paused = 0
-        t.resume_reading()  # data_received() drops everything: the parser is dead
-        self.deadline = self.plane.clock.read() + LINGER
-        self.dkind = D_LINGER
-
-    def close(self) -> None:
-        self.dead = True
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-        self.plane.tunnels.discard(self)
-
-    def abort(self) -> None:
-        """Close without flushing: the client sees a truncated response, never a fake complete one."""
-        self.dead = True
-        self.flush()
-        if self.transport is not None:
-            self.transport.abort()
-
-
-def last_chunk(req: Request) -> bytes:
-    """The end of a chunked request body, with its trailers (we frame the upstream leg chunked too)."""
-    trailers = req.trailers
-    if not trailers:
-        return b"0\r\n\r\n"
-    return b"".join([b"0\r\n", *trailers, b"\r\n"])
 
 
 class _ChunkedBody:
