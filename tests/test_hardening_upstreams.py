@@ -49,7 +49,7 @@ BAD_RESPONSES: list[tuple[str, bytes]] = [
 
 
 # A transfer coding other than a lone `chunked` cannot be re-framed: it should be a 502 too. The check
-# belongs in proxy/http1/upstream.py (UpstreamConnection.on_header, R_TE); until it lands this fails.
+# belongs in proxy/dataplane/legs/http1_upstream.py (UpstreamConnection.on_header, R_TE); until it lands this fails.
 CASES = [pytest.param(c[1], id=c[0]) for c in BAD_RESPONSES] + [
     pytest.param(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nLEAK1\r\n0\r\n\r\n",

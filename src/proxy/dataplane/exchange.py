@@ -20,7 +20,7 @@ from proxy.dataplane import forwarding
 from proxy.dataplane.context import ClientSide, PlaneContext
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.base import P_CONNECT, UpstreamLeg
-from proxy.dataplane.mirror import MirrorRule
+from proxy.dataplane.mirror_rule import MirrorRule
 from proxy.dataplane.pools import EndpointPool
 from proxy.dataplane.request import Request
 from proxy.routing.router import RequestView, select

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from proxy.analysis.stats import SKIP_OVERLOADED, SKIP_TOO_LARGE, MirrorStats, UpstreamStats
+from proxy.analysis.stats import SKIP_OVERLOADED, SKIP_TOO_LARGE
+from proxy.dataplane.mirror_rule import MirrorJob, MirrorRule
 
 if TYPE_CHECKING:
     from proxy.config.model import Endpoint
@@ -40,65 +41,6 @@ log = logging.getLogger("canary_proxy.mirror")
 MAX_IN_FLIGHT = 256  # mirrors buffering or on the wire, per process
 MAX_IDLE = MAX_IN_FLIGHT  # pooled idle connections per mirror endpoint (no more than mirrors in flight)
 MIRROR_HEADER = b"X-Canary-Proxy-Mirror: 1\r\n"
-
-
-class MirrorRule:
-    """One route's mirror, compiled per snapshot (see :func:`proxy.compile.compile_snapshot`)."""
-
-    __slots__ = (
-        "connect_timeout",
-        "endpoints",
-        "evidence",
-        "i",
-        "is_error",
-        "max_body",
-        "percent",
-        "route",
-        "stats",
-        "timeout",
-        "upstream",
-    )
-
-    def __init__(
-        self,
-        route: str,
-        upstream: str,
-        endpoints: tuple[Endpoint, ...],
-        percent: float,
-        max_body: int,
-        stats: MirrorStats,
-        evidence: UpstreamStats | None,
-        is_error: tuple[bool, ...],
-        connect_timeout: float,
-        timeout: float,
-    ) -> None:
-        self.route = route
-        self.upstream = upstream
-        self.endpoints = endpoints
-        self.percent = percent
-        self.max_body = max_body
-        self.stats = stats
-        self.evidence = evidence  # analyze: true -> the upstream's analysis window
-        self.is_error = is_error
-        self.connect_timeout = connect_timeout
-        self.timeout = timeout  # the whole exchange after connecting (timeouts.response)
-        self.i = 0
-
-    def pick(self) -> Endpoint:
-        """Round-robin over the mirror upstream's endpoints."""
-        self.i = (self.i + 1) % len(self.endpoints)
-        return self.endpoints[self.i]
-
-
-class MirrorJob:
-    """The copy of one request while its body is still arriving."""
-
-    __slots__ = ("chunks", "rule", "size")
-
-    def __init__(self, rule: MirrorRule) -> None:
-        self.rule = rule
-        self.chunks: list[bytes] = []
-        self.size = 0
 
 
 class _Exchange:

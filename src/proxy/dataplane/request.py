@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxy.analysis.stats import UpstreamStats
-    from proxy.dataplane.mirror import MirrorJob
+    from proxy.dataplane.mirror_rule import MirrorJob
     from proxy.dataplane.pools import EndpointPool
     from proxy.routing.snapshot import Binding, Snapshot
 

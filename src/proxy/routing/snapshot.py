@@ -17,7 +17,7 @@ from proxy.analysis.verdict import error_status_table
 from proxy.config.model import Config, CookieIssue, Match, Route, StringMatch
 from proxy.config.saferegex import compile_fullmatch
 from proxy.dataplane.balancer import Balancer
-from proxy.dataplane.mirror import MirrorRule
+from proxy.dataplane.mirror_rule import MirrorRule
 from proxy.routing.router import Predicate, RequestView, RouteRule, SplitTable
 
 if TYPE_CHECKING:
