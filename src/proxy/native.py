@@ -32,6 +32,7 @@ MODULES = (
     "proxy.dataplane.plane",
     "proxy.dataplane.forwarding",
     "proxy.dataplane.exchange",
+    "proxy.dataplane.recording",
     "proxy.dataplane.context",
     "proxy.dataplane.clock",
     "proxy.dataplane.deadlines",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from support.fakes import FakeClient, plane_context
 
 from proxy.analysis.stats import KIND_CONNECT, KIND_PROTOCOL, KIND_RESET, KIND_TIMEOUT
-from proxy.dataplane import exchange
+from proxy.dataplane import exchange, recording
 from proxy.dataplane.context import PlaneContext
 from proxy.dataplane.request import Request
 
@@ -179,8 +179,7 @@ def test_finish_records_the_outcome_and_releases_the_budget() -> None:
     client, req = start(ctx)
     exchange.fail(ctx, client, req, KIND_CONNECT, 502)  # type: ignore[arg-type]
     req.status = 200
-    exchange.release(req, client.ready[-1], True)  # type: ignore[arg-type]
-    exchange.finish(ctx, req, aborted=False)
+    recording.finish(ctx, req, aborted=False)
     assert ctx.stats.in_flight == 0 and ctx.retrying == 0
     assert req.binding is not None and req.binding.counts.by_class[2] == 1
 
@@ -190,5 +189,5 @@ def test_consecutive_5xx_eject_an_endpoint() -> None:
     for _ in range(5):  # outlier_detection.consecutive_failures defaults to 5
         _, req = start(ctx)
         req.status = 503
-        exchange.finish(ctx, req, aborted=False)
+        recording.finish(ctx, req, aborted=False)
     assert sum(ctx.stats.ejections.values()) == 1

@@ -12,21 +12,18 @@ never sees a byte of the wire format (that is the legs' and :mod:`proxy.dataplan
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from proxy.analysis.faults import local_kind
 from proxy.analysis.stats import KIND_CONNECT, KIND_RESET, KIND_TIMEOUT
-from proxy.dataplane import forwarding
+from proxy.dataplane import forwarding, recording
 from proxy.dataplane.context import ClientSide, PlaneContext
 from proxy.dataplane.legs import http1_headers as H
-from proxy.dataplane.legs.base import P_CONNECT, UpstreamLeg
+from proxy.dataplane.legs.base import P_CONNECT
 from proxy.dataplane.mirror_rule import MirrorRule
 from proxy.dataplane.pools import EndpointPool
 from proxy.dataplane.request import Request
 from proxy.routing.router import RequestView, select
 from proxy.routing.snapshot import Binding
-
-log = logging.getLogger("canary_proxy.dataplane")
 
 # Failures after which a retry may be tried: the connection failed or was reset. A timeout or an
 # invalid response means the upstream had the request and may have acted on it.
@@ -140,7 +137,7 @@ def fail(ctx: PlaneContext, client: ClientSide, req: Request, kind: int, status:
     """The one place a failed upstream attempt ends: record it, then retry, answer `status` (502 or
     504), or truncate the response that had started. The caller (a leg) has already let go of the
     failed connection. `reused`: that connection came from the idle pool (it may have gone stale)."""
-    record_failure(ctx, req, kind)
+    recording.record_failure(ctx, req, kind)
     if req is not client.current or client.closed:
         return  # the client is gone or has moved on: nobody to answer
     # A canary try that hit its own (shorter) timeout may go to the baseline (canary_try_timeout).
@@ -151,29 +148,6 @@ def fail(ctx: PlaneContext, client: ClientSide, req: Request, kind: int, status:
         client.abort()
     else:
         client.respond_error(req, status)
-
-
-def record_failure(ctx: PlaneContext, req: Request, kind: int) -> None:
-    """Record one failed attempt against the upstream and endpoint that failed."""
-    if req.track is not None:
-        _end_try(req)
-    binding = req.binding
-    if binding is None:
-        return
-    us = binding.upstream.stats
-    us.errors[kind] += 1
-    now = ctx.clock.read()
-    us.observe(ctx.clock.wall(now), now - req.t0, True)  # the same clocks as finish()
-    req.failed = True
-    if req.pool is not None:
-        _endpoint_failed(ctx, req, binding.upstream.name, req.pool, now)
-
-
-def _endpoint_failed(ctx: PlaneContext, req: Request, upstream: str, pool: EndpointPool, now: float) -> None:
-    """Outlier detection: count a failure (connect/reset/timeout or a 5xx) against an endpoint."""
-    if pool.record_failure(req.snapshot.config.outlier_detection, now):
-        ctx.stats.ejections[upstream] = ctx.stats.ejections.get(upstream, 0) + 1
-        log.warning("endpoint %s of %s ejected for %.0fs", pool.endpoint.key, upstream, pool.ejected_until - now)
 
 
 def fail_local(ctx: PlaneContext, client: ClientSide, req: Request, kind: str, cause: str) -> None:
@@ -245,63 +219,6 @@ def retry(ctx: PlaneContext, client: ClientSide, req: Request, kind: int, reused
     ctx.stats.retries[upstream.name] = ctx.stats.retries.get(upstream.name, 0) + 1
     _send(ctx, client, req, pool, fresh)
     return True
-
-
-def release(req: Request, leg: UpstreamLeg, reusable: bool) -> None:
-    """The response is complete: give the connection back to its pool (or close it)."""
-    pool = req.pool
-    if pool is not None:
-        pool.release(leg, reusable and req.complete, req.snapshot.config.timeouts.idle)
-
-
-def finish(ctx: PlaneContext, req: Request, aborted: bool, log: bool = True) -> None:
-    """Record a finished exchange (response written, or the client gone). `log=False`: the
-    access log line comes later (a tunnel's, when it ends: see log_access)."""
-    stats = ctx.stats
-    stats.in_flight -= 1
-    if req.mirror is not None:
-        ctx.mirrors.drop(req)  # the body never completed
-    if req.track is not None:
-        _end_try(req)
-    if req.retries:
-        ctx.retrying -= 1
-    if req.connecting is not None:
-        req.connecting.cancel()
-        req.connecting = None
-    status = req.status
-    binding = req.binding
-    now = ctx.clock.read()
-    if binding is not None and status:
-        binding.counts.by_class[status // 100] += 1
-        if not req.failed and not aborted:
-            binding.upstream.stats.observe(ctx.clock.wall(now), now - req.t0, req.snapshot.is_error[status])
-            pool = req.pool
-            if pool is not None:
-                if status >= 500:
-                    _endpoint_failed(ctx, req, binding.upstream.name, pool, now)
-                else:
-                    pool.consecutive_failures = 0
-    elif status:
-        req.snapshot.unmatched.by_class[status // 100] += 1
-    log_ = ctx.access_log
-    if log_ is not None and log:
-        log_.record(req, now, binding.upstream.name if binding is not None else "")
-
-
-def log_access(ctx: PlaneContext, req: Request) -> None:
-    """Write `req`'s access log line now (a tunnel that ended: its bytes are known)."""
-    log_ = ctx.access_log
-    if log_ is not None:
-        binding = req.binding
-        log_.record(req, ctx.clock.read(), binding.upstream.name if binding is not None else "")
-
-
-def _end_try(req: Request) -> None:
-    """The try `req.track` counts as outstanding is over."""
-    us = req.track
-    if us is not None:
-        req.track = None
-        us.try_ended(req.track_key)
 
 
 def cancel_connect(req: Request) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from proxy.dataplane import exchange
+from proxy.dataplane import exchange, recording
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.base import P_CONNECT, P_PIPELINE, P_TUNNEL
 from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW
@@ -25,7 +25,7 @@ from proxy.dataplane.legs.http1_io import (
     D_IDLE,
     D_NONE,
 )
-from proxy.dataplane.legs.http1_request import Reject, add_header, add_trailer, last_chunk, validate
+from proxy.dataplane.legs.http1_request import Reject, add_header, add_trailer, validate
 from proxy.dataplane.legs.http1_respond import ClientResponder
 from proxy.dataplane.request import Request
 
@@ -65,7 +65,7 @@ class ClientConnection(ClientResponder):
         self.plane.tunnels.discard(self)
         if self.tunnel_req is not None:
             treq, self.tunnel_req = self.tunnel_req, None
-            exchange.log_access(self.plane, treq)
+            recording.log_access(self.plane, treq)
         up = self.upstream or self.tunnel
         self.upstream = self.tunnel = None
         if up is not None:
@@ -75,7 +75,7 @@ class ClientConnection(ClientResponder):
         if req is not None:
             self.current = None
             req.status = req.status or 499
-            exchange.finish(self.plane, req, aborted=True)
+            recording.finish(self.plane, req, aborted=True)
         for waiting in (self.req, *self.queue):
             if waiting is not None and waiting.mirror is not None:
                 self.plane.mirrors.drop(waiting)  # never started: its mirror copy goes too
@@ -304,7 +304,7 @@ class ClientConnection(ClientResponder):
             return  # answered already: read and dropped
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
-            self.forward_body(req, up.transport, body)
+            up.send_body(req, body)
         else:
             req.body.append(body)
             if req is not self.current or up is None:
@@ -336,9 +336,7 @@ class ClientConnection(ClientResponder):
             self.dkind = D_IDLE
         up = self.upstream
         if up is not None and req is self.current and up.transport is not None:
-            if req.te is not None:
-                self.up_write(up.transport, last_chunk(req))
-            up.deadline = self.plane.clock.now + (req.try_timeout or self.timeouts.response)
+            up.send_end(req)
 
     def bad_request(self, status: int) -> None:
         """Malformed input: answer in order, never forward anything more, close."""

@@ -8,14 +8,13 @@ connection.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import cast
 
 import httptools
 
 from proxy.analysis.stats import KIND_PROTOCOL, KIND_RESET, KIND_TIMEOUT
-from proxy.dataplane import exchange
+from proxy.dataplane import exchange, recording
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.base import P_CONNECT, P_PIPELINE, P_TUNNEL, P_UPLOAD, UpstreamLeg
 from proxy.dataplane.legs.http1_io import (
@@ -27,7 +26,6 @@ from proxy.dataplane.legs.http1_io import (
     DISCARD_MAX,
     ClientIO,
 )
-from proxy.dataplane.legs.http1_request import last_chunk
 from proxy.dataplane.legs.http1_upstream import UpstreamConnection
 from proxy.dataplane.request import F_CHUNKED, F_CLOSE, F_LENGTH, F_NONE, Request
 
@@ -42,15 +40,6 @@ class ClientResponder(ClientIO):
         self.current = req
         exchange.begin(self.plane, self, req)
 
-    def forward_body(self, req: Request, transport: asyncio.Transport, body: bytes) -> None:
-        req.body_forwarded = True
-        if req.te is not None:
-            self.up_write(transport, b"%x\r\n" % len(body))
-            self.up_write(transport, body)
-            self.up_write(transport, b"\r\n")
-        else:
-            self.up_write(transport, body)
-
     def upstream_ready(self, leg: UpstreamLeg) -> None:
         """An upstream connection is ours: send the head and whatever body is buffered."""
         conn = cast(UpstreamConnection, leg)
@@ -63,21 +52,7 @@ class ClientResponder(ClientIO):
         if self.write_blocked_at:
             t.pause_reading()  # the client still cannot take more: resume_writing() lets this one in
         req.attempts += 1
-        if req.body:
-            self.up_write(t, req.head)
-            chunks, req.body = req.body, []
-            for chunk in chunks:
-                self.forward_body(req, t, chunk)
-            if req.complete and req.te is not None:
-                self.up_write(t, last_chunk(req))
-        elif req.complete and req.te is not None:
-            self.up_write(t, req.head + last_chunk(req))
-        else:
-            self.up_write(t, req.head)
-        if req.complete:
-            conn.deadline = self.plane.clock.now + (req.try_timeout or self.timeouts.response)
-        else:
-            conn.deadline = 0.0
+        conn.send_request(req)
         self.resume_reading_for(P_CONNECT)
 
     def response_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
@@ -179,7 +154,9 @@ class ClientResponder(ClientIO):
         if conn.client is self:
             conn.client = None
         conn.until_close = False
-        exchange.release(req, conn, upstream_keep_alive)
+        pool = req.pool
+        if pool is not None:
+            pool.release(conn, upstream_keep_alive and req.complete, self.timeouts.idle)
         self.end_exchange(req)
 
     def end_exchange(self, req: Request) -> None:
@@ -189,7 +166,7 @@ class ClientResponder(ClientIO):
             # The exchange may end without an upstream ever taking the request (a proxy error).
             self.resume_reading_for(P_CONNECT | P_UPLOAD)
         self.served += 1
-        exchange.finish(self.plane, req, aborted=False)
+        recording.finish(self.plane, req, aborted=False)
         if req.upgrade is not None and self.dead and req.keep_alive and not self.early and not req.error:
             # A declined upgrade (no 101): the connection goes on as plain HTTP/1.1.
             self.dead = False
@@ -302,7 +279,7 @@ class ClientResponder(ClientIO):
         self.dead = True
         if req is not None:
             self.current = None
-            exchange.finish(self.plane, req, aborted=False, log=False)
+            recording.finish(self.plane, req, aborted=False, log=False)
             self.tunnel_req = req  # logged when the tunnel ends, with the bytes sent down it
         t = conn.transport
         if t is not None:

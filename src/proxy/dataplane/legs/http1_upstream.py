@@ -28,9 +28,11 @@ from proxy.dataplane.legs.http1_headers import (
     connection_tokens,
     without_named,
 )
+from proxy.dataplane.legs.http1_request import last_chunk
 
 if TYPE_CHECKING:
     from proxy.dataplane.pools import EndpointPool
+    from proxy.dataplane.request import Request
 
 # Interim (1xx) responses relayed per request; more is a misbehaving upstream: 502.
 MAX_INTERIM = 32
@@ -133,6 +135,55 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             # The response timeout also bounds each pause within a response once it has started.
             self.deadline = now + client.timeouts.response
         client.flush_later(len(data))
+
+    # -- the request -------------------------------------------------------------------------------
+
+    def send_request(self, req: Request) -> None:
+        """Write `req`'s head and whatever of its body has arrived, framed for HTTP/1.1. Writes go
+        through the client side's deferred writes: one client read's bytes leave in one call."""
+        client = self.client
+        t = self.transport
+        if client is None or t is None:
+            return
+        if req.body:
+            client.up_write(t, req.head)
+            chunks, req.body = req.body, []
+            for chunk in chunks:
+                self.send_body(req, chunk)
+            if req.complete and req.te is not None:
+                client.up_write(t, last_chunk(req))
+        elif req.complete and req.te is not None:
+            client.up_write(t, req.head + last_chunk(req))
+        else:
+            client.up_write(t, req.head)
+        if req.complete:
+            self.deadline = self.pool.plane.clock.now + (req.try_timeout or client.timeouts.response)
+        else:
+            self.deadline = 0.0
+
+    def send_body(self, req: Request, body: bytes) -> None:
+        """Pass one piece of the request body on (re-framed as chunked when it came chunked)."""
+        client = self.client
+        t = self.transport
+        if client is None or t is None:
+            return
+        req.body_forwarded = True
+        if req.te is not None:
+            client.up_write(t, b"%x\r\n" % len(body))
+            client.up_write(t, body)
+            client.up_write(t, b"\r\n")
+        else:
+            client.up_write(t, body)
+
+    def send_end(self, req: Request) -> None:
+        """The request body is complete: end the chunked framing; the response timeout starts."""
+        client = self.client
+        t = self.transport
+        if client is None or t is None:
+            return
+        if req.te is not None:
+            client.up_write(t, last_chunk(req))
+        self.deadline = self.pool.plane.clock.now + (req.try_timeout or client.timeouts.response)
 
     # -- httptools callbacks -------------------------------------------------------------------
 
