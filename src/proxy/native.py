@@ -42,7 +42,7 @@ MODULES = (
     "proxy.routing.router",
     "proxy.analysis.stats",
     "proxy.analysis.window",
-    "proxy.routing.snapshot",
+    "proxy.dataplane.snapshot",
     "proxy.config.model",
 )
 PURE_ENV = "CANARY_PROXY_PURE"

@@ -10,7 +10,7 @@ from proxy.dataplane.context import PlaneContext
 from proxy.dataplane.legs.http1_upstream import UpstreamConnection
 from proxy.dataplane.pools import PoolRegistry
 from proxy.dataplane.request import Request
-from proxy.routing.snapshot import Snapshot, compile_snapshot
+from proxy.dataplane.snapshot import Snapshot, compile_snapshot
 
 CONFIG = """
 listen: 127.0.0.1:0

@@ -201,7 +201,7 @@ class RouteReader:
         value = r.boolean(m[kind]) if kind == "present" else r.text(m[kind])
         if isinstance(value, str) and kind == "regex":
             try:
-                compile_fullmatch(value)  # RE2, as proxy.routing.snapshot will: linear time or refused
+                compile_fullmatch(value)  # RE2, as proxy.dataplane.snapshot will: linear time or refused
             except RegexError as e:
                 r.error(m[kind], f'invalid regex "{value}": {e}')
                 return None

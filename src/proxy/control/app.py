@@ -29,8 +29,8 @@ from proxy.control.reload import ConfigWatcher
 from proxy.control.workers import FollowerSync, LeaderSync, WorkerRole, merged_stats
 from proxy.dataplane.accesslog import AccessLogger
 from proxy.dataplane.plane import DataPlane
+from proxy.dataplane.snapshot import Snapshot, compile_snapshot
 from proxy.fleet.setup import FleetMember, make_member
-from proxy.routing.snapshot import Snapshot, compile_snapshot
 
 log = logging.getLogger("canary_proxy")
 

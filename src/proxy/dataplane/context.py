@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from proxy.analysis.stats import Stats
     from proxy.dataplane.accesslog import AccessLogger
     from proxy.dataplane.request import Request
-    from proxy.routing.snapshot import Snapshot
+    from proxy.dataplane.snapshot import Snapshot
 
 
 class ClientSide(Protocol):

@@ -22,8 +22,8 @@ from proxy.dataplane.legs.base import P_CONNECT
 from proxy.dataplane.mirror_rule import MirrorRule
 from proxy.dataplane.pools import EndpointPool
 from proxy.dataplane.request import Request
+from proxy.dataplane.snapshot import Binding
 from proxy.routing.router import RequestView, select
-from proxy.routing.snapshot import Binding
 
 # Failures after which a retry may be tried: the connection failed or was reset. A timeout or an
 # invalid response means the upstream had the request and may have acted on it.

@@ -20,7 +20,7 @@ from proxy.dataplane import deadlines
 from proxy.dataplane.context import PlaneContext
 from proxy.dataplane.legs.http1_client import ClientConnection
 from proxy.dataplane.legs.http1_upstream import UpstreamConnection
-from proxy.routing.snapshot import Snapshot
+from proxy.dataplane.snapshot import Snapshot
 
 
 class DataPlane(PlaneContext):

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from proxy.analysis.stats import UpstreamStats
     from proxy.dataplane.mirror_rule import MirrorJob
     from proxy.dataplane.pools import EndpointPool
-    from proxy.routing.snapshot import Binding, Snapshot
+    from proxy.dataplane.snapshot import Binding, Snapshot
 
 # Response body framing towards the client.
 F_NONE, F_LENGTH, F_CHUNKED, F_CLOSE = range(4)

@@ -1,1 +1,1 @@
-"""Routing: the compiled snapshot (matchers, bucket tables, bound counters) and the pure router."""
+"""Routing: the pure router (route order, matchers, sticky buckets) over a compiled snapshot."""

@@ -1,6 +1,6 @@
 """Pure routing: (compiled routes, request view, sticky hash or random) -> route and upstream.
 
-Nothing here touches sockets or clocks; `proxy.routing.snapshot` builds the matchers and bucket tables once
+Nothing here touches sockets or clocks; `proxy.dataplane.snapshot` builds the matchers and bucket tables once
 per snapshot, and the data plane calls :func:`select` once per request.
 """
 
