@@ -82,3 +82,18 @@ def test_no_import_cycle_inside_proxy() -> None:
 def test_no_module_over_about_400_lines() -> None:
     long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+# The folders, top to bottom: a module may import from its own folder and from folders below it.
+LAYERS = ("cli", "control", "dataplane", "routing", "analysis", "config")
+
+
+def test_folders_import_one_way_down() -> None:
+    upward = []
+    for importer, imported in ((a, b) for a, bs in graph().items() for b in bs):
+        pa, pb = importer.split(".")[1:2], imported.split(".")[1:2]
+        if not pa or not pb or pa == pb or pa[0] not in LAYERS or pb[0] not in LAYERS:
+            continue
+        if LAYERS.index(pb[0]) < LAYERS.index(pa[0]):
+            upward.append(f"{importer} -> {imported}")
+    assert not upward, upward
