@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 from conftest import RawClient, RawMessage, RawUpstream, Upstream, config_text, read_head, read_request
+from support.polling import wait_until
 
 from proxy.control.app import ProxyApp
 
@@ -54,8 +55,9 @@ async def test_websocket_through_the_proxy(
         assert await ws.receive_bytes(timeout=10) == big[::-1]
         await ws.close()
     assert up.seen[0]["headers"]["Upgrade"] == "websocket"
-    await asyncio.sleep(0.05)
-    assert app.plane is not None and app.plane.tunnels == set()
+    plane = app.plane
+    assert plane is not None
+    await wait_until(lambda: plane.tunnels == set(), what="the tunnel to be closed on both sides")
 
 
 async def test_raw_tunnel_is_byte_for_byte(raw_upstream: RawFactory, proxy_factory: ProxyFactory) -> None:

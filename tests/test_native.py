@@ -75,6 +75,7 @@ def test_nothing_compiled_is_written_into_the_source_tree() -> None:
 
 
 def _project_copy(dst: Path) -> Path:
+    dst.mkdir(parents=True)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, dst / name)
     shutil.copytree(ROOT / "src" / "proxy", dst / "src" / "proxy", ignore=shutil.ignore_patterns("__pycache__"))

@@ -121,7 +121,8 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
         from proxy import native
 
-        parser.exit(message=f"canary-proxy {__version__}\nhot path: {native.state()}\n")
+        print(f"canary-proxy {__version__}\nhot path: {native.state()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
