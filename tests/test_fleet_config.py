@@ -15,7 +15,7 @@ import pytest
 from proxy.config import ConfigError, parse_config
 from proxy.config.fleet import parse_redis_url
 from proxy.control.app import ProxyApp
-from proxy.fleet import keys as K
+from proxy.control.fleet import keys as K
 from tests.conftest import ROOT, ProxyProcess, Upstream, config_text, free_port
 from tests.fleet_support import (
     REDIS_SERVER,

@@ -1,7 +1,7 @@
 """The controller's injected seams: where evidence comes from, who may decide, where state is kept.
 
 Single process (and `--workers N`): local windows, always decide, the state file. Fleet mode
-(`proxy.fleet`) swaps in fleet-merged windows, a leader gate and a Redis store, so both run the
+(`proxy.control.fleet`) swaps in fleet-merged windows, a leader gate and a Redis store, so both run the
 same pure decisions. Every method takes the rollout, so several named rollouts share one object.
 """
 

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.config import ConfigError, load_config
+from proxy.control.fleet.report import format_fleet
 from proxy.control.status import admin_url
-from proxy.fleet.report import format_fleet
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 TOKEN_ENV = "CANARY_PROXY_ADMIN_TOKEN"

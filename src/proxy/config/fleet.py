@@ -1,6 +1,6 @@
 """The `fleet:` section: Redis URL, namespace, replica name and leader lease, validated at load.
 
-URL forms accepted (checked here, connected to in `proxy.fleet.connection`):
+URL forms accepted (checked here, connected to in `proxy.control.fleet.connection`):
 - `redis://[[user]:password@]host[:port][/db]` and `rediss://...` (TLS);
 - `redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]` (Redis Sentinel:
   the sentinels are asked for the current master of `service`; `rediss+sentinel://` for TLS).

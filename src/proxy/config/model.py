@@ -258,7 +258,7 @@ class OutlierDetection:
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
-    """`fleet:`: replicas sharing their rollouts through Redis (see proxy/fleet)."""
+    """`fleet:`: replicas sharing their rollouts through Redis (see proxy/control/fleet)."""
 
     redis: str  # redis://, rediss:// or redis+sentinel:// URL, validated
     namespace: str

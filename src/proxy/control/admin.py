@@ -19,9 +19,9 @@ from aiohttp import web
 
 from proxy.analysis.rollout import COMMANDS, Command, CommandError
 from proxy.control.adminguard import GuardedListener, cross_site, host_allowed
+from proxy.control.fleet.errors import FleetUnavailable
 from proxy.control.metrics import CONTENT_TYPE, make_registry, render
 from proxy.control.status import build_status, rollout_status, rollouts_status
-from proxy.fleet.errors import FleetUnavailable
 
 if TYPE_CHECKING:
     from proxy.control.view import AppView

@@ -25,12 +25,12 @@ from proxy.config import Config, ConfigError, load_config
 from proxy.control import tuning
 from proxy.control.admin import AdminServer
 from proxy.control.adminguard import exposure_problem, warn_if_insecure
+from proxy.control.fleet.setup import FleetMember, make_member
 from proxy.control.reload import ConfigWatcher
 from proxy.control.workers import FollowerSync, LeaderSync, WorkerRole, merged_stats
 from proxy.dataplane.accesslog import AccessLogger
 from proxy.dataplane.plane import DataPlane
 from proxy.dataplane.snapshot import Snapshot, compile_snapshot
-from proxy.fleet.setup import FleetMember, make_member
 
 log = logging.getLogger("canary_proxy")
 

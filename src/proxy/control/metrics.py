@@ -30,8 +30,8 @@ from proxy.analysis.faults import LOCAL_KINDS
 from proxy.analysis.rollout import RolloutState
 from proxy.analysis.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
 from proxy.control.analysis_metrics import analysis_families
+from proxy.control.fleet.report import fleet_metrics
 from proxy.control.metrics_mirror import mirror_families
-from proxy.fleet.report import fleet_metrics
 
 if TYPE_CHECKING:
     from proxy.control.view import AppView

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from proxy import __version__, native
 from proxy.analysis.rollout import canary_weight, ladder_weight
 from proxy.analysis.window import WindowStats
+from proxy.control.fleet.report import fleet_status
 from proxy.control.metrics import current_state, current_states
-from proxy.fleet.report import fleet_status
 
 if TYPE_CHECKING:
     from proxy.analysis.controller import RolloutController

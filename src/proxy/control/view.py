@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from proxy.analysis.rollout import RolloutState
     from proxy.analysis.stats import Stats
     from proxy.config.model import Config
+    from proxy.control.fleet.member import FleetMember
     from proxy.dataplane.plane import DataPlane
-    from proxy.fleet.member import FleetMember
 
 
 class AppView(Protocol):

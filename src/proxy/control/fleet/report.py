@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from proxy.fleet.member import FleetMember, rollouts_of
+from proxy.control.fleet.member import FleetMember, rollouts_of
 
 DEFAULT_WINDOW = 60.0
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from proxy.analysis.stats import Stats
 from proxy.config.model import Config
-from proxy.fleet.member import FleetMember
+from proxy.control.fleet.member import FleetMember
 
 __all__ = ["FleetMember", "default_replica", "make_member"]
 

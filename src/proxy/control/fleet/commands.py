@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from redis.exceptions import ResponseError
 
 from proxy.analysis.rollout import Command, CommandError, on_command, reconcile
-from proxy.fleet.codec import decode_state
-from proxy.fleet.errors import DOWN, FleetUnavailable
-from proxy.fleet.evidence import canary_version
-from proxy.fleet.store import PendingWrite
+from proxy.control.fleet.codec import decode_state
+from proxy.control.fleet.errors import DOWN, FleetUnavailable
+from proxy.control.fleet.evidence import canary_version
+from proxy.control.fleet.store import PendingWrite
 
 if TYPE_CHECKING:
-    from proxy.fleet.member import FleetMember
+    from redis.asyncio import Redis
+
+    from proxy.analysis.controller import RolloutController
+    from proxy.config.model import Config, Rollout
+    from proxy.control.fleet.connection import LinkState
+    from proxy.control.fleet.keys import Keys
 
 
-async def run_command(member: FleetMember, command: Command, reason: str | None, name: str, full: bool) -> None:
+class CommandHost(Protocol):
+    """What a command needs of this replica's membership (`proxy.control.fleet.member.FleetMember`)."""
+
+    client: Redis | None
+    link: LinkState
+    keys: Keys
+    get_config: Callable[[], Config]
+
+    def controller(self, name: str) -> RolloutController | None: ...
+
+    async def write(self, client: Redis, rollout: Rollout, pending: PendingWrite, *, fenced: bool) -> int | None: ...
+
+
+async def run_command(member: CommandHost, command: Command, reason: str | None, name: str, full: bool) -> None:
     """Apply an operator command fleet-wide. Raises CommandError (409), LookupError (no rollout)
     or FleetUnavailable (503). `rollback` always works: here at once, fleet-wide when Redis takes it."""
     controller = member.controller(name)

@@ -20,9 +20,9 @@ from proxy.analysis.stats import Stats
 from proxy.analysis.verdict import Evidence
 from proxy.analysis.window import WindowStats
 from proxy.config.model import Rollout
-from proxy.fleet.codec import RemoteState
-from proxy.fleet.connection import LinkState
-from proxy.fleet.evidence import EvidenceMerger
+from proxy.control.fleet.codec import RemoteState
+from proxy.control.fleet.connection import LinkState
+from proxy.control.fleet.evidence import EvidenceMerger
 
 NEVER_READ = "waiting for the fleet state (Redis not read yet)"
 

@@ -26,14 +26,14 @@ from proxy.analysis.manager import RolloutManager
 from proxy.analysis.rollout import Command, RolloutEvent, canary_weight, reconcile
 from proxy.analysis.stats import Stats
 from proxy.config.model import Config, Fleet, Rollout
-from proxy.fleet import keys as K
-from proxy.fleet.codec import RemoteState, decode_state, encode_state
-from proxy.fleet.commands import run_command
-from proxy.fleet.connection import Backoff, LinkState, make_client
-from proxy.fleet.errors import DOWN
-from proxy.fleet.evidence import EvidenceMerger, EvidencePusher, canary_version
-from proxy.fleet.roster import Roster
-from proxy.fleet.store import FleetStore, PendingWrite
+from proxy.control.fleet import keys as K
+from proxy.control.fleet.codec import RemoteState, decode_state, encode_state
+from proxy.control.fleet.commands import run_command
+from proxy.control.fleet.connection import Backoff, LinkState, make_client
+from proxy.control.fleet.errors import DOWN
+from proxy.control.fleet.evidence import EvidenceMerger, EvidencePusher, canary_version
+from proxy.control.fleet.roster import Roster
+from proxy.control.fleet.store import FleetStore, PendingWrite
 
 log = logging.getLogger("canary_proxy.fleet")
 TICK = 0.25
@@ -353,7 +353,7 @@ class FleetMember:
             self._complain(self.keys.state(name), "unreadable state; the latch waits for the leader to replace it")
 
     async def command(self, command: Command, reason: str | None, *, rollout: str, full: bool = False) -> None:
-        """Apply an operator command fleet-wide (see `proxy.fleet.commands.run_command`)."""
+        """Apply an operator command fleet-wide (see `proxy.control.fleet.commands.run_command`)."""
         await run_command(self, command, reason, rollout, full)
 
     def _complain(self, key: str, what: str) -> None:

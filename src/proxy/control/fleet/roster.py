@@ -12,8 +12,8 @@ from redis.exceptions import ResponseError
 from proxy.analysis.controller import RolloutController
 from proxy.analysis.rollout import RolloutState, canary_weight
 from proxy.config.model import Rollout
-from proxy.fleet import keys as K
-from proxy.fleet.codec import decode_json
+from proxy.control.fleet import keys as K
+from proxy.control.fleet.codec import decode_json
 
 STALE_REPORT = 3600.0  # the leader forgets replicas silent for an hour
 

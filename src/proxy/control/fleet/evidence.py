@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from proxy.analysis.stats import Stats
 from proxy.analysis.window import LATENCY_BOUNDS, WindowStats
 from proxy.config.model import Config, Rollout
-from proxy.fleet.keys import EVIDENCE_EXTRA_TTL, Keys
+from proxy.control.fleet.keys import EVIDENCE_EXTRA_TTL, Keys
 
 log = logging.getLogger("canary_proxy.fleet")
 NBUCKETS = len(LATENCY_BOUNDS) + 1
