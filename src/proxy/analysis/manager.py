@@ -16,7 +16,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proxy.analysis.controller import MAX_EVENTS, RolloutController, WebhookFactory
+from proxy.analysis.controller import MAX_EVENTS, RolloutController
+from proxy.analysis.outputs import WebhookFactory
 from proxy.analysis.ports import DeciderGate, Observations, StateStore
 from proxy.analysis.rollout import Command, JSONScalar, RolloutEvent, RolloutState
 from proxy.analysis.stats import Stats
