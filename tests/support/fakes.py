@@ -97,6 +97,9 @@ class FakeLeg:
         self.until_close = False
         self.closed = False
 
+    def released(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
