@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from proxy.analysis.checks import CheckResult, CheckRunner, combine
@@ -28,13 +29,11 @@ from proxy.analysis.rollout import (
     JSONScalar,
     RolloutEvent,
     RolloutState,
-    canary_weight,
     finished,
     on_command,
     on_verdict,
     trip,
 )
-from proxy.analysis.statefile import state_to_dict
 from proxy.analysis.stats import Stats
 from proxy.analysis.steps import Analysis, judging
 from proxy.analysis.verdict import Breach, Evidence, Verdict, judge_evidence
@@ -274,30 +273,6 @@ class RolloutController(RolloutOutputs):
         self.events.append(event)
         self._log(event)
 
-    def status(self) -> dict[str, Any]:
-        """What /status shows about the rollout."""
-        rollout = self._rollout()
-        state = self._state
-        if rollout is None or state is None:
-            return {"enabled": False, "events": [e.to_dict() for e in self.events]}
-        verdict = self._last_verdict
-        return {
-            "enabled": True,
-            "name": rollout.name,
-            "canary": rollout.canary,
-            "baseline": rollout.baseline,
-            "steps": list(rollout.steps),
-            "weight": canary_weight(state, rollout),
-            "state": state_to_dict(state),
-            "gate": self._gates.last,
-            "checks": [r.to_dict() for r in self.check_results.values()],
-            "verdict": None
-            if verdict is None
-            else {"kind": verdict.kind, "reason": verdict.reason, "figures": verdict.figures.as_dict()},
-            "events": [e.to_dict() for e in self.events],
-            "state_file": self.durability(),
-        }
-
     def offer(self, state: RolloutState) -> bool:
         """A worker's copy of the state (`--workers`): adopt it when it is newer than ours, or when
         we started without a saved state (a restarted leader must not forget a rollback)."""
@@ -314,24 +289,6 @@ class RolloutController(RolloutOutputs):
         new = self._store.resolve(state, rollout, own.canary_version, self._clock())
         self._apply(new, [])
         return True
-
-    async def stop(self) -> None:
-        """Flush pending fast-fail work, close the webhook(s) and wait for our tasks."""
-        if self._pending_handle is not None:
-            self._pending_handle.cancel()
-            self._flush_pending()
-        self._fast_fail.disarm()
-        webhook, self._webhook = self._webhook, None
-        if webhook is not None:
-            await webhook.close()
-        notifier, self._notifier = self._notifier, None
-        if notifier is not None:
-            await notifier.close()
-        await self._gates.close()
-        await self._checks.close()
-        # Only closes of replaced webhooks are tracked; they are quick and must not be cut short.
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- internals --------------------------------------------------------------------------------
 

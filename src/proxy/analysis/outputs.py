@@ -14,6 +14,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
+from proxy.analysis.checks import CheckResult, CheckRunner
+from proxy.analysis.fastfail import FastFail
+from proxy.analysis.gates import GateRunner
 from proxy.analysis.notify import Notifier
 from proxy.analysis.ports import StateStore
 from proxy.analysis.rollout import (
@@ -21,8 +24,10 @@ from proxy.analysis.rollout import (
     RolloutState,
     canary_weight,
 )
+from proxy.analysis.statefile import state_to_dict
 from proxy.analysis.stats import Stats
 from proxy.analysis.steps import stamp
+from proxy.analysis.verdict import Verdict
 from proxy.analysis.webhook import WebhookSender
 from proxy.config.model import Config, Rollout
 
@@ -46,7 +51,23 @@ class RolloutOutputs:
     _webhook_factory: WebhookFactory
     _tasks: set[asyncio.Task[None]]
 
+    _last_verdict: Verdict | None
+    _gates: GateRunner
+    _checks: CheckRunner
+    _fast_fail: FastFail
+    _pending_handle: asyncio.Handle | None
+
     def _rollout(self, config: Config | None = None) -> Rollout | None:
+        raise NotImplementedError
+
+    @property
+    def check_results(self) -> dict[str, CheckResult]:
+        raise NotImplementedError
+
+    def _flush_pending(self) -> None:
+        raise NotImplementedError
+
+    def durability(self) -> dict[str, Any] | None:
         raise NotImplementedError
 
     def _notify(self, state: RolloutState) -> None:
@@ -118,3 +139,45 @@ class RolloutOutputs:
         task: asyncio.Task[None] = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def status(self) -> dict[str, Any]:
+        """What /status shows about the rollout."""
+        rollout = self._rollout()
+        state = self._state
+        if rollout is None or state is None:
+            return {"enabled": False, "events": [e.to_dict() for e in self.events]}
+        verdict = self._last_verdict
+        return {
+            "enabled": True,
+            "name": rollout.name,
+            "canary": rollout.canary,
+            "baseline": rollout.baseline,
+            "steps": list(rollout.steps),
+            "weight": canary_weight(state, rollout),
+            "state": state_to_dict(state),
+            "gate": self._gates.last,
+            "checks": [r.to_dict() for r in self.check_results.values()],
+            "verdict": None
+            if verdict is None
+            else {"kind": verdict.kind, "reason": verdict.reason, "figures": verdict.figures.as_dict()},
+            "events": [e.to_dict() for e in self.events],
+            "state_file": self.durability(),
+        }
+
+    async def stop(self) -> None:
+        """Flush pending fast-fail work, close the webhook(s) and wait for our tasks."""
+        if self._pending_handle is not None:
+            self._pending_handle.cancel()
+            self._flush_pending()
+        self._fast_fail.disarm()
+        webhook, self._webhook = self._webhook, None
+        if webhook is not None:
+            await webhook.close()
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            await notifier.close()
+        await self._gates.close()
+        await self._checks.close()
+        # Only closes of replaced webhooks are tracked; they are quick and must not be cut short.
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -13,7 +13,8 @@ from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from proxy.config.model import Fleet
-from proxy.config.yamlnodes import Reader, Value
+from proxy.config.yamlnodes import Reader
+from proxy.config.yamltree import Value
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")

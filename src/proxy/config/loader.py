@@ -12,7 +12,6 @@ import hashlib
 import ipaddress
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from proxy.config.model import (
     Timeouts,
     Upstream,
 )
+from proxy.config.readfile import MAX_CONFIG_SIZE, read_config_bytes
 from proxy.config.rollouts import RolloutKeys
 from proxy.config.routes_reader import TOKEN, RouteReader
 from proxy.config.units import (
@@ -45,12 +45,12 @@ from proxy.config.units import (
     parse_address,
     parse_endpoint,
     parse_network,
-    parse_size,
     parse_status,
     parse_webhook,
     same_socket,
 )
-from proxy.config.yamlnodes import Errors, Reader, Readers, Value, compose, root_value
+from proxy.config.yamlnodes import Reader
+from proxy.config.yamltree import Errors, Readers, Value, compose, root_value
 
 T = TypeVar("T")
 TOKEN_ENV = "CANARY_PROXY_ADMIN_TOKEN"
@@ -64,8 +64,6 @@ TOP_KEYS = (
 
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?")
-MAX_CONFIG_SIZE = 4 * 1024 * 1024
-SIZE_ENV = "CANARY_PROXY_MAX_CONFIG_SIZE"  # the cap of the first read (the file's own key: reloads)
 
 
 def _host_name(text: str) -> str:
@@ -78,52 +76,6 @@ def _host_name(text: str) -> str:
     if len(name) > 253 or not _HOST_NAME.fullmatch(name):
         raise ValueError(f'invalid host name "{text}" (a DNS name or IP address, without port)')
     return name.rstrip(".")
-
-
-def read_config_bytes(path: str, max_size: int | None = None) -> bytes:
-    """The file's bytes: only a regular file (after following symlinks), at most `max_size` bytes.
-    Raises ConfigError. Opened non-blocking, so a FIFO in its place never hangs the caller."""
-    limit = max_size if max_size is not None else _env_size()
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ConfigError([f"cannot read config file: {e.strerror or e}"], path) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError([f"cannot read config file: {_file_kind(st.st_mode)}"], path)
-        if st.st_size > limit:
-            raise ConfigError([f"config file too big: {st.st_size} bytes, the limit is {limit}"], path)
-        chunks: list[bytes] = []
-        got = 0
-        while got <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        if got > limit:  # it grew while we read
-            raise ConfigError([f"config file too big: over {limit} bytes"], path)
-        return b"".join(chunks)
-    except OSError as e:
-        raise ConfigError([f"cannot read config file: {e.strerror or e}"], path) from None
-    finally:
-        os.close(fd)
-
-
-def _env_size() -> int:
-    raw = os.environ.get(SIZE_ENV, "")
-    try:
-        return parse_size(raw) if raw else MAX_CONFIG_SIZE
-    except ValueError:
-        return MAX_CONFIG_SIZE
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "Is a directory"  # what reading one used to say (strerror of EISDIR)
-    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special"
-    return f"not a regular file ({kind})"
 
 
 def load_config(path: str, env: Mapping[str, str] | None = None, max_size: int | None = None) -> Config:

@@ -14,7 +14,8 @@ from yaml.nodes import MappingNode, ScalarNode
 
 from proxy.config.model import Check, Gate, Rollout, Step, Webhook
 from proxy.config.units import fmt_number, parse_webhook
-from proxy.config.yamlnodes import Reader, Readers, Value
+from proxy.config.yamlnodes import Reader
+from proxy.config.yamltree import Readers, Value
 
 STEP_KINDS = ("weight", "pause", "gate", "analysis")
 EVENT_KINDS = ("step", "promoted", "rollback", "paused", "resumed", "reset", "stalled")  # what webhooks get

@@ -14,7 +14,8 @@ from proxy.config.hosts import parse_host_pattern
 from proxy.config.model import CookieIssue, Match, Mirror, Route, Sticky, StringMatch
 from proxy.config.saferegex import RegexError, compile_fullmatch
 from proxy.config.units import fmt_number
-from proxy.config.yamlnodes import Reader, Readers, Value
+from proxy.config.yamlnodes import Reader
+from proxy.config.yamltree import Readers, Value
 
 ROUTE_KEYS = ("name", "match", "to", "split", "sticky", "max_body_size", "mirror")
 MATCH_KEYS = ("headers", "cookies", "query", "path_prefix", "methods", "host")
