@@ -21,9 +21,9 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 ENV PATH="/opt/venv/bin:$PATH"
 
-WORKDIR /src
+WORKDIR /build
 COPY pyproject.toml setup.py README.md ./
-COPY src/proxy/ ./src/proxy/
+COPY proxy/ ./proxy/
 # Build a wheel (setup.py compiles the hot path with mypyc in it; CANARY_PROXY_REQUIRE_NATIVE
 # makes a missing compiler an error instead of a pure-Python wheel), install that wheel into the
 # runtime venv, and check that the compiled modules are the ones in use.

@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 .PHONY: setup native system-deps redbot demo test lint bench bench-quick bench-fleet rollback-time clean
 
 # Every file of the package: a change to any of them reinstalls it (see $(VENV)/.installed).
-SOURCES := $(shell find src -name '*.py' -o -name '*.html' -o -name '*.yaml' -o -name 'py.typed')
+SOURCES := $(shell find proxy -name '*.py' -o -name '*.html' -o -name '*.yaml' -o -name 'py.typed')
 
 # The dependencies and dev tools (the package itself comes next, compiled): once per pyproject.toml.
 $(VENV)/.deps: pyproject.toml
@@ -18,7 +18,7 @@ $(VENV)/.deps: pyproject.toml
 # The package, installed like a user gets it (a wheel, not editable), rebuilt whenever a source
 # changes. setup.py compiles the hot path with mypyc inside the wheel when a C compiler is there
 # (about a minute); without one it only warns and the same code runs as pure Python. Nothing is
-# written into src/. The tests import this installed package (tests/support/package.py).
+# written into proxy/. The tests import this installed package (tests/support/package.py).
 $(VENV)/.installed: $(VENV)/.deps setup.py $(SOURCES)
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation --force-reinstall .
 	$(VENV)/bin/canary-proxy --version
@@ -45,17 +45,17 @@ system-deps:
 
 # The main job on a built-in default: demo upstreams, the proxy, traffic, a rollout and a rollback.
 demo: setup
-	$(PYTHON) -m proxy demo
+	PYTHONSAFEPATH=1 $(PYTHON) -m proxy demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests loadtests setup.py
-	$(VENV)/bin/mypy --strict src/proxy
+	$(VENV)/bin/ruff check proxy tests loadtests setup.py
+	$(VENV)/bin/mypy --strict proxy
 	$(VENV)/bin/hadolint Dockerfile
 
 # The whole test suite (what CI runs).
 # With a C compiler the compiled hot path is required (tests/test_native.py checks it), and the
 # data-plane tests run a second time on the pure-Python fallback: CANARY_PROXY_PURE=1 makes them
-# import the sources in src/ instead of the installed, compiled package.
+# import the sources in proxy/ instead of the installed, compiled package.
 test: system-deps setup redbot lint
 	CANARY_PROXY_REQUIRE_NATIVE=$$(command -v gcc >/dev/null && echo 1) $(VENV)/bin/pytest -q -p no:cacheprovider
 	CANARY_PROXY_PURE=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/unit tests/test_http_*.py tests/test_hardening_smuggling.py \
@@ -79,5 +79,5 @@ rollback-time: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache loadtests/.work
-	rm -rf build dist src/*.egg-info
-	find src -name '*.so' -delete  # left by older in-place builds
+	rm -rf build dist *.egg-info
+	find proxy -name '*.so' -delete  # left by older in-place builds

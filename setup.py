@@ -21,16 +21,15 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
-SRC = HERE / "src"
 
 
 def _hot_modules() -> list[str]:
-    """`MODULES` and `GROUP` from src/proxy/native.py, read without importing the package."""
-    tree = ast.parse((SRC / "proxy" / "native.py").read_text())
+    """`MODULES` and `GROUP` from proxy/native.py, read without importing the package."""
+    tree = ast.parse((HERE / "proxy" / "native.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MODULES" for t in node.targets):
             return list(ast.literal_eval(node.value))
-    raise RuntimeError("src/proxy/native.py defines no MODULES")
+    raise RuntimeError("proxy/native.py defines no MODULES")
 
 
 def _flag(name: str) -> bool:
@@ -69,7 +68,7 @@ def _ext_modules(work: str) -> list[object]:
         return []
     from mypyc.build import mypycify
 
-    paths = [str(Path("src", *m.split(".")).with_suffix(".py")) for m in _hot_modules()]
+    paths = [str(Path(*m.split(".")).with_suffix(".py")) for m in _hot_modules()]
     print(f"canary-proxy: compiling the hot path with mypyc ({len(paths)} modules)", file=sys.stderr)
     cwd = os.getcwd()
     os.chdir(HERE)  # mypycify takes paths relative to the project and reads pyproject's [tool.mypy]

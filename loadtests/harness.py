@@ -50,6 +50,21 @@ def pinned(cmd: Sequence[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus else list(cmd)
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def child_env(cmd: Sequence[str], env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: a `python -m proxy` child runs the installed package (compiled
+    when a C compiler was there), never the sources in ./proxy, so the repository is kept off its
+    path (PYTHONSAFEPATH: no current directory; PYTHONPATH without the repository)."""
+    out = dict(os.environ if env is None else env)
+    if "proxy" in cmd and "-m" in cmd:
+        parts = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+        out["PYTHONPATH"] = os.pathsep.join(parts)
+        out["PYTHONSAFEPATH"] = "1"
+    return out
+
+
 class Proc:
     """A child started in its own session, so stopping it reaches its whole process group only."""
 
@@ -64,7 +79,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env=env,
+                env=child_env(self.cmd, env),
             )
 
     @property

@@ -33,6 +33,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from loadtests.harness import child_env
+
 ROOT = Path(__file__).resolve().parent.parent
 USERS = 2000
 CANARY_PERCENT = 10
@@ -119,7 +121,8 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 def start(args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=child_env(cmd))
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

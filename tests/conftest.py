@@ -34,7 +34,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stale = package.stale_files()
     if stale:
         pytest.exit(
-            f"the installed canary-proxy differs from src/ ({', '.join(stale[:3])}...): run `make setup` "
+            f"the installed canary-proxy differs from proxy/ ({', '.join(stale[:3])}...): run `make setup` "
             "(reinstalls it), or set CANARY_PROXY_PURE=1 to test the sources as pure Python",
             returncode=4,
         )

@@ -793,14 +793,14 @@ def test_admin_token_defaults_to_process_environment(monkeypatch: pytest.MonkeyP
     assert parse_config(BASE).admin_token is None
 
 
-@pytest.mark.parametrize("path", ["config/canary.yaml", "src/proxy/demo.yaml"])
+@pytest.mark.parametrize("path", ["config/canary.yaml", "proxy/demo.yaml"])
 def test_shipped_configs_load_cleanly(path: str) -> None:
     cfg = load_config(str(REPO / path), env=NO_ENV)
     assert cfg.routes[-1].split == (("stable", 95.0), ("canary", 5.0))
 
 
 def test_demo_config_contents() -> None:
-    cfg = load_config(str(REPO / "src/proxy/demo.yaml"), env=NO_ENV)
+    cfg = load_config(str(REPO / "proxy/demo.yaml"), env=NO_ENV)
     assert (cfg.listen, cfg.admin) == (Address("127.0.0.1", 8080), Address("127.0.0.1", 9901))
     assert cfg.upstreams == {
         "stable": Upstream("stable", (Endpoint("127.0.0.1", 9001),), "v1.0.0"),
@@ -902,10 +902,10 @@ def test_formatting_helpers() -> None:
 
 
 def test_summary_of_demo_config() -> None:
-    cfg = load_config(str(REPO / "src/proxy/demo.yaml"), env=NO_ENV)
+    cfg = load_config(str(REPO / "proxy/demo.yaml"), env=NO_ENV)
     assert summarize(cfg) == "\n".join(
         [
-            f"config {REPO / 'src/proxy/demo.yaml'} (sha256 {cfg.source_hash})",
+            f"config {REPO / 'proxy/demo.yaml'} (sha256 {cfg.source_hash})",
             "listen 127.0.0.1:8080   admin 127.0.0.1:9901 (token not set)",
             "upstreams:",
             "  stable  v1.0.0  http://127.0.0.1:9001",

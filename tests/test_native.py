@@ -61,24 +61,24 @@ def test_compiled_modules_are_used_when_installed_compiled() -> None:
 
 
 def test_pure_env_runs_the_sources() -> None:
-    state, files = _probe(CANARY_PROXY_PURE="1", PYTHONPATH=str(ROOT / "src"))
+    state, files = _probe(CANARY_PROXY_PURE="1", PYTHONPATH=str(ROOT))
     assert state == "pure (CANARY_PROXY_PURE set)"
-    assert all(f.endswith(".py") and f.startswith(str(ROOT / "src")) for f in files), files
+    assert all(f.endswith(".py") and f.startswith(str(ROOT / "proxy")) for f in files), files
     if pure_requested():
         assert native.state() == "pure (CANARY_PROXY_PURE set)"
         assert all(importlib.import_module(m).__file__.endswith(".py") for m in native.MODULES)  # type: ignore[union-attr]
 
 
 def test_nothing_compiled_is_written_into_the_source_tree() -> None:
-    assert not list((ROOT / "src").rglob("*.so")), "compiled files belong in the wheel, not in src/"
-    assert not (ROOT / "src" / "proxy" / ".native-stamp").exists()
+    assert not list((ROOT / "proxy").rglob("*.so")), "compiled files belong in the wheel, not in proxy/"
+    assert not (ROOT / "proxy" / ".native-stamp").exists()
 
 
 def _project_copy(dst: Path) -> Path:
     dst.mkdir(parents=True)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, dst / name)
-    shutil.copytree(ROOT / "src" / "proxy", dst / "src" / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "proxy", dst / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
     return dst
 
 

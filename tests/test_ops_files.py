@@ -31,7 +31,7 @@ K8S = ROOT / "config" / "kubernetes"
 ALERTS = ROOT / "config" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "config" / "grafana" / "canary-proxy-dashboard.json"
 UNIT = ROOT / "config" / "systemd" / "canary-proxy.service"
-STATUS_HTML = ROOT / "src" / "proxy" / "control" / "static" / "status.html"
+STATUS_HTML = ROOT / "proxy" / "control" / "static" / "status.html"
 DOCS = ROOT / "README.md"
 
 IMAGE_CONFIG = "/etc/canary-proxy/canary.yaml"
@@ -362,10 +362,10 @@ def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
 def test_dockerignore_keeps_build_inputs_only() -> None:
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
-    for needed in ("pyproject.toml", "setup.py", "README.md", "src/proxy/__init__.py",
-                   "src/proxy/control/static/status.html", "config/canary.yaml"):
+    for needed in ("pyproject.toml", "setup.py", "README.md", "proxy/__init__.py",
+                   "proxy/control/static/status.html", "config/canary.yaml"):
         assert not _dockerignore_excludes(patterns, needed), needed
-    for junk in (".venv/bin/python", ".git/HEAD", "src/proxy/__pycache__/app.cpython-311.pyc",
+    for junk in (".venv/bin/python", ".git/HEAD", "proxy/__pycache__/app.cpython-311.pyc",
                  "tests/test_ops_files.py", ".pytest_cache/v", "canary_proxy.egg-info/PKG-INFO"):
         assert _dockerignore_excludes(patterns, junk), junk
     # every COPY source from the context survives

@@ -8,7 +8,7 @@ modules stay pure Python: the behaviour is identical, only slower.
 
 Nothing is decided at import time and nothing is redirected: Python imports what is installed.
 :func:`state` only reports it, from where the hot modules were loaded from. `CANARY_PROXY_PURE=1`
-at run time makes the test suite import the sources (`src/`) instead of the installed package.
+at run time makes the test suite import the sources (`proxy/`) instead of the installed package.
 
 This module must stay importable without mypy and cheap to import: it runs on every start.
 """
