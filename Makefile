@@ -21,6 +21,7 @@ $(VENV)/.deps: pyproject.toml
 # written into proxy/. The tests import this installed package (tests/support/package.py).
 $(VENV)/.installed: $(VENV)/.deps setup.py $(SOURCES)
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation --force-reinstall .
+	rm -rf canary_proxy.egg-info  # left by the build; it would shadow the installed metadata
 	$(VENV)/bin/canary-proxy --version
 	touch $@
 

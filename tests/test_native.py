@@ -54,7 +54,10 @@ def test_compiled_modules_are_used_when_installed_compiled() -> None:
     assert state == native.COMPILED
     assert all(f.endswith(".so") for f in files), files
     # A wheel with extensions is tagged for this interpreter and platform, never py3-none-any.
-    wheel = importlib.metadata.distribution("canary-proxy").read_text("WHEEL") or ""
+    # The metadata beside the imported package (a build leaves an egg-info in the repository too).
+    site = str(Path(native.__file__).resolve().parents[1])
+    (dist,) = importlib.metadata.distributions(name="canary-proxy", path=[site])
+    wheel = dist.read_text("WHEEL") or ""
     assert "Root-Is-Purelib: false" in wheel, wheel
     tag = next(line.split(": ", 1)[1] for line in wheel.splitlines() if line.startswith("Tag: "))
     assert tag.startswith(f"cp{sys.version_info.major}{sys.version_info.minor}-") and "none-any" not in tag, tag

@@ -94,5 +94,9 @@ async def test_streamed_download_reuses_memory(
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     default = await _download_faults(raw_upstream, proxy_process)
     print(f"\nminor page faults during a 256 MiB download: tuned {tuned}, trimming {default}")
-    assert tuned < 2000, tuned  # 256 MiB in fresh 4 KiB pages would be 65,536
-    assert tuned * 4 < default
+    # 256 MiB in fresh 4 KiB pages would be 65,536. Since both legs read into one shared buffer
+    # (proxy/http1/buffers.py) a download allocates nothing per read, so glibc's own trimming no
+    # longer costs faults either: both stay low, and either figure rising means per-read allocation
+    # came back.
+    assert tuned < 2000, tuned
+    assert default < 2000, default
