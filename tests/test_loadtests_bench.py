@@ -6,6 +6,7 @@ reports a side-by-side ratio, on a one-second, one-scenario run written to a tem
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,12 +15,20 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 
+def _bench_env() -> dict[str, str]:
+    """`python -m loadtests.bench` needs the repository on its path (the tests hide it from their
+    children so that `python -m proxy` runs the installed package; the bench does that itself)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def test_bench_prints_side_by_side_ratio(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     out = subprocess.run(
         [sys.executable, "-m", "loadtests.bench", "--quick", "--scenarios", "1", "--duration", "1",
          "--base-port", "38000", "--results", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env=_bench_env(),
     )
     assert out.returncode in (0, 1), out.stdout[-3000:] + out.stderr[-3000:]  # 1 = a target missed
     text = results.read_text()
