@@ -316,7 +316,7 @@ BAD = [
         "timeouts, limits, rollout, metrics, access_log, retries, outlier_detection, trusted_proxies,"
         " admin_token, "
         "admin_token_file, admin_hosts, admin_insecure, admin_max_connections, admin_header_timeout,"
-        " shutdown_grace, rollouts, fleet, via, max_config_size) (line 10)",
+        " shutdown_grace, rollouts, fleet, via, max_config_size, tls) (line 10)",
     ),
     (
         BASE + "timeouts: {conect: 1s}\n",
@@ -358,8 +358,9 @@ BAD = [
     (BASE + "admin: 127.0.0.1:8080\n", "admin: must differ from listen (0.0.0.0:8080) (line 10)"),
     # upstreams
     (
-        BASE.replace("[http://127.0.0.1:9001]", "[https://127.0.0.1:9001]"),
-        "upstreams.stable.endpoints[0]: only http:// endpoints are supported (line 4)",
+        BASE.replace("[http://127.0.0.1:9001]", "[ftp://127.0.0.1:9001]"),
+        'upstreams.stable.endpoints[0]: invalid endpoint URL "ftp://127.0.0.1:9001" '
+        "(expected http://host:port or https://host:port) (line 4)",
     ),
     (
         BASE.replace("[http://127.0.0.1:9001]", "[]"),
@@ -367,7 +368,8 @@ BAD = [
     ),
     (
         BASE.replace("[http://127.0.0.1:9001]", "[127.0.0.1:9001]"),
-        'upstreams.stable.endpoints[0]: invalid endpoint URL "127.0.0.1:9001" (expected http://host:port) (line 4)',
+        'upstreams.stable.endpoints[0]: invalid endpoint URL "127.0.0.1:9001" '
+        "(expected http://host:port or https://host:port) (line 4)",
     ),
     (
         BASE.replace("[http://127.0.0.1:9001]", "[http://a:99999]"),
@@ -677,7 +679,7 @@ def test_every_error_is_reported_in_file_order() -> None:
 listen: 0.0.0.0:8080
 upstreams:
   stable:
-    endpoints: [https://127.0.0.1:9001]
+    endpoints: [ftp://127.0.0.1:9001]
   canary:
     endpoints: [http://127.0.0.1:9002]
 routes:
@@ -692,7 +694,8 @@ timeouts: {connect: 2x}
 bogus: 1
 """
     assert errors_of(text) == [
-        "upstreams.stable.endpoints[0]: only http:// endpoints are supported (line 4)",
+        'upstreams.stable.endpoints[0]: invalid endpoint URL "ftp://127.0.0.1:9001" '
+        "(expected http://host:port or https://host:port) (line 4)",
         'routes[0].to: unknown upstream "canry" (known: stable, canary) (line 10)',
         "routes[1].split: weights sum to 95, expected 100 (line 12)",
         'routes[2]: unreachable: routes[1] ("default") matches every request (line 13)',
@@ -700,7 +703,7 @@ bogus: 1
         "bogus: unknown key (allowed: listen, admin, upstreams, routes, timeouts, limits, rollout, metrics, "
         "access_log, retries, outlier_detection, trusted_proxies, admin_token, admin_token_file, "
         "admin_hosts, admin_insecure, admin_max_connections, admin_header_timeout, "
-        "shutdown_grace, rollouts, fleet, via, max_config_size) (line 16)",
+        "shutdown_grace, rollouts, fleet, via, max_config_size, tls) (line 16)",
     ]
 
 

@@ -158,6 +158,7 @@ class Stats:
         self.rejected = 0  # malformed client requests answered with 4xx
         self.mirrors: dict[tuple[str, str], MirrorStats] = {}  # by (route, mirror upstream)
         self.local_errors: dict[str, int] = {}  # our own failures, by proxy.faults.LOCAL_KINDS
+        self.tls_handshake_errors: dict[str, int] = {}  # failed client TLS handshakes, by reason
 
     def route_counts_for(self, route: str, upstream: str) -> RouteCounts:
         """The (route, upstream) counter, created on first use; bound once per snapshot."""

@@ -40,6 +40,7 @@ from proxy.config.model import (
 from proxy.config.readfile import MAX_CONFIG_SIZE, read_config_bytes
 from proxy.config.rollouts import RolloutKeys
 from proxy.config.routes_reader import TOKEN, RouteReader
+from proxy.config.tls_reader import read_listener_tls, read_upstream_tls
 from proxy.config.units import (
     fmt_duration,
     parse_address,
@@ -59,7 +60,7 @@ TOP_KEYS = (
     "listen", "admin", "upstreams", "routes", "timeouts", "limits", "rollout", "metrics", "access_log",
     "retries", "outlier_detection", "trusted_proxies", "admin_token", "admin_token_file",
     "admin_hosts", "admin_insecure", "admin_max_connections", "admin_header_timeout", "shutdown_grace",
-    "rollouts", "fleet", "via", "max_config_size",
+    "rollouts", "fleet", "via", "max_config_size", "tls",
 )  # fmt: skip
 
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -166,6 +167,7 @@ class _Parser(RouteReader):
             admin_max_connections=self.opt(top.get("admin_max_connections"), 64, lambda x: r.integer(x, 1, 10_000)),
             admin_header_timeout=self.opt(top.get("admin_header_timeout"), 10.0, r.duration),
             max_config_size=self.opt(top.get("max_config_size"), MAX_CONFIG_SIZE, lambda x: r.size(x, lo=1024)),
+            tls=read_listener_tls(r, top["tls"]) if "tls" in top else None,
         )
 
     def via(self, v: Value) -> str | None:
@@ -203,11 +205,23 @@ class _Parser(RouteReader):
         for name, uv in entries.items():
             if not _UPSTREAM_NAME.fullmatch(name):
                 r.error(uv, 'invalid upstream name (use letters, digits, ".", "_", "-")')
-            m = r.mapping(uv, ("endpoints", "version"), required=("endpoints",))
+            m = r.mapping(uv, ("endpoints", "version", "tls"), required=("endpoints",))
             if m is not None and "endpoints" in m:
                 version = r.text(m["version"]) if "version" in m else None
-                out[name] = Upstream(name, self.endpoints(m["endpoints"]), version)
+                endpoints = self.endpoints(m["endpoints"])
+                if "tls" in m:
+                    endpoints = self.upstream_tls(m["tls"], endpoints)
+                out[name] = Upstream(name, endpoints, version)
         return out
+
+    def upstream_tls(self, v: Value, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        """`upstreams.NAME.tls` applies to the upstream's `https://` endpoints."""
+        tls = read_upstream_tls(self.r, v)
+        if endpoints and all(ep.tls is None for ep in endpoints):
+            self.r.error(v, "applies to https:// endpoints only, and this upstream has none")
+        if tls is None:
+            return endpoints
+        return tuple(ep if ep.tls is None else replace(ep, tls=tls) for ep in endpoints)
 
     def endpoints(self, v: Value) -> tuple[Endpoint, ...]:
         items = self.r.sequence(v)

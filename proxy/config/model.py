@@ -6,6 +6,7 @@ Durations are floats in seconds, sizes are ints in bytes, percentages are floats
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,16 +25,61 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class CertPair:
+    """A certificate chain file and its private key file (PEM)."""
+
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTLS:
+    """`tls:`: the listener terminates TLS. `pairs()[0]` is served when no SNI name matches."""
+
+    cert: str | None = None
+    key: str | None = None
+    certificates: tuple[CertPair, ...] = ()  # more pairs, chosen by SNI
+    client_ca: str | None = None  # mutual TLS: clients must present a certificate it signed
+    min_version: str = "1.2"  # "1.2" or "1.3"
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+
+    def pairs(self) -> tuple[tuple[str, CertPair], ...]:
+        """Every (key path, pair), the top-level `cert`/`key` first."""
+        top = (("tls", CertPair(self.cert, self.key)),) if self.cert and self.key else ()
+        return top + tuple((f"tls.certificates[{i}]", p) for i, p in enumerate(self.certificates))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    """`upstreams.NAME.tls:`: how `https://` endpoints are verified (and our client certificate)."""
+
+    ca: str | None = None  # None: the system CAs
+    server_name: str | None = None  # SNI and the name verified; None: the endpoint's host
+    verify: bool = True
+    cert: str | None = None  # client certificate for upstream mutual TLS
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One upstream server, from `http://host:port`."""
+    """One upstream server, from `http://host:port` or `https://host:port` (`tls` set)."""
 
     host: str
     port: int
+    tls: UpstreamTLS | None = None
 
     @property
     def key(self) -> str:
-        """Stable identity, used to keep connection pools across reloads."""
+        """host:port, as logs, metrics and the default Host header name the endpoint."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def pool_key(self) -> str:
+        """Stable identity, used to keep connection pools across reloads (TLS settings included)."""
+        if self.tls is None:
+            return self.key
+        tag = "" if self.tls == UpstreamTLS() else f"#{zlib.crc32(repr(self.tls).encode()):08x}"
+        return f"https://{self.key}{tag}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +340,7 @@ class Config:
     source_hash: str = ""  # sha256 of the file bytes, first 12 hex digits
     source_path: str = ""
     rollouts: tuple[Rollout, ...] = ()  # every rollout, by name; `rollout` is the first one
+    tls: ListenerTLS | None = None  # None: the listener speaks cleartext
 
     def __post_init__(self) -> None:
         # Keep the two views in step however the Config was built (loader, tests, replace()).

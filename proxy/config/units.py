@@ -11,7 +11,7 @@ import math
 import re
 from urllib.parse import urlsplit
 
-from proxy.config.model import Address, Endpoint
+from proxy.config.model import Address, Endpoint, UpstreamTLS
 
 DURATION_HINT = "use e.g. 500ms, 2s, 1m"
 SIZE_HINT = "use e.g. 512B, 32KiB, 10MiB"
@@ -146,20 +146,21 @@ def same_socket(a: Address, b: Address) -> bool:
 
 
 def parse_endpoint(url: str) -> Endpoint:
-    """An Endpoint from `http://host[:port]` (port 80 by default)."""
+    """An Endpoint from `http://host[:port]` (port 80 by default) or `https://host[:port]` (443;
+    verified against the system CAs unless the upstream's `tls:` says otherwise)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
         raise ValueError(f'invalid endpoint URL "{url}": {e}') from None
-    if parts.scheme == "https":
-        raise ValueError("only http:// endpoints are supported")
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f'invalid endpoint URL "{url}" (expected http://host:port)')
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f'invalid endpoint URL "{url}" (expected http://host:port or https://host:port)')
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None:
-        raise ValueError(f'endpoint URL must be just http://host:port, got "{url}"')
+        raise ValueError(f'endpoint URL must be just {parts.scheme}://host:port, got "{url}"')
     if port == 0:
         raise ValueError(f'invalid endpoint URL "{url}": port must be 1..65535')
+    if parts.scheme == "https":
+        return Endpoint(parts.hostname, 443 if port is None else port, UpstreamTLS())
     return Endpoint(parts.hostname, 80 if port is None else port)
 
 

@@ -27,6 +27,7 @@ from proxy.control.admin import AdminServer
 from proxy.control.adminguard import exposure_problem, warn_if_insecure
 from proxy.control.fleet.setup import FleetMember, make_member
 from proxy.control.reload import ConfigWatcher
+from proxy.control.tls_runtime import TLSRuntime, prepare
 from proxy.control.workers import FollowerSync, LeaderSync, WorkerRole, merged_stats
 from proxy.dataplane.accesslog import AccessLogger
 from proxy.dataplane.plane import DataPlane
@@ -70,6 +71,7 @@ class ProxyApp:
         self.remote_states: dict[str, RolloutState] = {}  # followers: every rollout's, by name
         self.fleet: FleetMember | None = None  # fleet mode: this replica's membership (worker 0 only)
         self._follower_fast_fail: dict[str, FastFail] = {}  # followers: by rollout name
+        self.tls = TLSRuntime(self.stats)  # listener certificates, upstream TLS contexts, file watch
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -102,12 +104,15 @@ class ProxyApp:
         self.plane = DataPlane(self.stats, loop)
         admin_budget = 0 if follower else self.config.admin_max_connections
         self.plane.fd_clients = descriptor_budget(self.config.limits.max_connections, admin_budget)
+        listener_tls = self.tls.start(self.config, self.plane, prepare(self.config))
         self.plane.swap(self._compile(self.config, self._state()))
         if self.config.access_log.enabled:
             self.plane.access_log = AccessLogger(_open_log(self.config.access_log.path))
             self.plane.access_log.start()
         reuse_port = reuse_port or role is not None
-        await self.plane.start(self.config.listen.host, self.config.listen.port, reuse_port, listen_sock)
+        listen = self.config.listen
+        timeout = self.config.timeouts.client_header  # a silent TLS client holds no slot for longer
+        await self.plane.start(listen.host, listen.port, reuse_port, listen_sock, listener_tls, timeout)
         if role is not None and role.leader:
             self.leader_sync = LeaderSync(self, role.control)
             await self.leader_sync.start()
@@ -129,6 +134,7 @@ class ProxyApp:
                 max_size=self.config.max_config_size,
             )
             self.watcher.start()
+            self.tls.watch(lambda: self.config, self._request_reload)
         log.log(
             logging.DEBUG if follower else logging.INFO,  # `--workers N`: the leader says it once
             "canary-proxy %s listening on %s:%d (admin %s), config %s hash %s, hot path %s",
@@ -234,6 +240,11 @@ class ProxyApp:
                 if new.fleet != old.fleet:
                     log.warning("fleet section changes need a restart; keeping the old one")
                     new = replace(new, fleet=old.fleet)
+                if (new.tls is None) != (old.tls is None):
+                    log.warning("turning the listener's TLS on or off needs a restart; keeping it as it is")
+                    new = replace(new, tls=old.tls)
+                # Certificates are read again on every reload (in a thread, like the file).
+                tls_ready = await asyncio.to_thread(prepare, new)
                 # Compile against the state the controller *would* adopt, without touching it.
                 tentative: dict[str, RolloutState] = {}
                 if self.controller is None:
@@ -278,6 +289,7 @@ class ProxyApp:
                 return False, self.last_error
             if self.watcher is not None:
                 self.watcher.max_size = new.max_config_size
+            self.tls.commit(new, self.plane, tls_ready)
             self.config = new
             self.loaded_at = loaded_at
             self.last_error = self.last_error_at = None
@@ -312,17 +324,21 @@ class ProxyApp:
         log.info("%s received: draining", signal.Signals(signum).name)
         self.stopping.set()
 
+    def _request_reload(self, reason: str) -> None:
+        """Reload soon (debounced with file events when the config file is watched)."""
+        if self.watcher is not None:
+            self.watcher.request(reason)
+        else:
+            task = asyncio.get_running_loop().create_task(self.reload(reason))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def _on_hup(self) -> None:
         if self.plane is None:
             log.warning("SIGHUP before the proxy started: ignored (the file is read at start)")
             return
         log.info("SIGHUP received: reloading the config")
-        if self.watcher is not None:
-            self.watcher.request("SIGHUP")  # debounced together with the file events
-        else:
-            task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._request_reload("SIGHUP")  # debounced together with the file events
 
     @property
     def draining(self) -> bool:
@@ -341,6 +357,7 @@ class ProxyApp:
         if self.watcher is not None:
             await self.watcher.stop()  # its watch thread must not outlive the loop
             self.watcher = None
+        await self.tls.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._controller_task is not None:

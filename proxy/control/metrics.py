@@ -32,6 +32,7 @@ from proxy.analysis.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
 from proxy.control.analysis_metrics import analysis_families
 from proxy.control.fleet.report import fleet_metrics
 from proxy.control.metrics_mirror import mirror_families
+from proxy.dataplane.tls.handshakes import REASONS as TLS_REASONS
 
 if TYPE_CHECKING:
     from proxy.control.view import AppView
@@ -66,6 +67,7 @@ class ProxyCollector:
         yield _ejected(app)
         yield from _rollout(app)
         yield from _durability(app, stats)
+        yield _tls_handshakes(app, stats)
         reloads = CounterMetricFamily(
             "canary_proxy_config_reloads", "Config reloads by result.", labels=["result"]
         )
@@ -231,6 +233,18 @@ def _rollout(app: AppView) -> Iterator[Metric]:
     for upstream, n in sorted(counts.items()):
         rollbacks.add_metric([upstream], n)
     return iter((rollbacks, step, phase, stalled, *analysis_families(app)))
+
+
+def _tls_handshakes(app: AppView, stats: Stats) -> Metric:
+    """Failed client TLS handshakes by reason (every known reason shown once the listener has TLS)."""
+    family = CounterMetricFamily(
+        "canary_proxy_tls_handshake_errors", "Client TLS handshakes that failed, by reason.", labels=["reason"]
+    )
+    counts = stats.tls_handshake_errors
+    reasons = (*TLS_REASONS, *sorted(set(counts) - set(TLS_REASONS))) if app.config.tls is not None else sorted(counts)
+    for reason in reasons:
+        family.add_metric([reason], counts.get(reason, 0))
+    return family
 
 
 def _durability(app: AppView, stats: Stats) -> Iterator[Metric]:

@@ -154,7 +154,9 @@ def _upstreams(app: AppView, now: float) -> dict[str, Any]:
         out[name] = {
             "version": up.version,
             "endpoints": keys,
-            "ejected": [k for k in keys if k in pools and pools[k].ejected_until > loop_now],
+            "ejected": [
+                ep.key for ep in up.endpoints if ep.pool_key in pools and pools[ep.pool_key].ejected_until > loop_now
+            ],
             "window": window_summary(stats),
         }
     return out

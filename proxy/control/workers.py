@@ -59,6 +59,7 @@ def counters_snapshot(stats: Stats) -> dict[str, Any]:
         "retries": stats.retries,
         "ejections": stats.ejections,
         "local_errors": stats.local_errors,
+        "tls_handshake_errors": stats.tls_handshake_errors,
         "routes": [[rc.route, rc.upstream, rc.by_class] for rc in stats.route_counts.values()],
         "upstreams": {
             name: {
@@ -85,7 +86,7 @@ def merged_stats(own: Stats, peers: list[dict[str, Any]]) -> Stats:
     for snap in [counters_snapshot(own), *peers]:
         out.in_flight += int(snap["in_flight"])
         out.rejected += int(snap["rejected"])
-        for key in ("retries", "ejections", "local_errors"):
+        for key in ("retries", "ejections", "local_errors", "tls_handshake_errors"):
             dst: dict[str, int] = getattr(out, key)
             for name, n in snap.get(key, {}).items():
                 dst[name] = dst.get(name, 0) + int(n)

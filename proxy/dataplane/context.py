@@ -90,6 +90,7 @@ class PlaneContext:
         self.tunnels: set[ClientSide] = set()
         self.upstream_conns: set[UpstreamLeg] = set()
         self.draining = False
+        self.scheme = b"http"  # the listener's, for X-Forwarded-Proto: b"https" behind `tls:`
         self.access_log: AccessLogger | None = None
         self.retrying = 0  # requests being retried (the retry budget counts them)
         self.local = LocalErrors(stats.local_errors)  # our own faults (proxy.analysis.faults)

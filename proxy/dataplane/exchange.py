@@ -23,6 +23,7 @@ from proxy.dataplane.mirror_rule import MirrorRule
 from proxy.dataplane.pools import EndpointPool
 from proxy.dataplane.request import Request
 from proxy.dataplane.snapshot import Binding
+from proxy.dataplane.tls.client import log_upstream_failure, tls_failure
 from proxy.routing.router import RequestView, select
 
 # Failures after which a retry may be tried: the connection failed or was reset. A timeout or an
@@ -58,7 +59,7 @@ def route(ctx: PlaneContext, req: Request, peer: bytes) -> int | None:
     default_host = None
     if req.host is None and req.binding is not None and req.binding.upstream.balancer.pools:
         default_host = req.binding.upstream.balancer.pools[0].endpoint.key.encode()
-    req.head = forwarding.upstream_head(req, peer, trusted, default_host, ctx.via_line_for(req.version10))
+    req.head = forwarding.upstream_head(req, peer, trusted, default_host, ctx.via_line_for(req.version10), ctx.scheme)
     return limit
 
 
@@ -124,6 +125,10 @@ async def _connect(ctx: PlaneContext, client: ClientSide, req: Request, pool: En
         if local is not None:  # our own limit, not the upstream's fault: never blame it
             fail_local(ctx, client, req, local, f"{pool.endpoint.key}: {exc}")
             return
+        if pool.ssl is not None:  # a bad certificate is the upstream's fault, and worth a line
+            why = tls_failure(exc)
+            if why is not None and req.binding is not None:
+                log_upstream_failure(req.binding.upstream.name, pool.endpoint.key, why)
         fail(ctx, client, req, KIND_CONNECT, 502)
     else:
         req.connecting = None

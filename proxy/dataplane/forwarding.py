@@ -52,11 +52,13 @@ def forwarded_upgrade(req: Request) -> bytes | None:
     return None
 
 
-def upstream_head(req: Request, peer: bytes, trusted_peer: bool, default_host: bytes | None, via: bytes) -> bytes:
+def upstream_head(
+    req: Request, peer: bytes, trusted_peer: bool, default_host: bytes | None, via: bytes, scheme: bytes = b"http"
+) -> bytes:
     """The request head for the upstream, in one allocation. `req.reqid` must be set, and
     `req.upgrade` already reduced by :func:`forwarded_upgrade`. `default_host` is sent as Host when
     the client sent none (HTTP/1.0): we speak HTTP/1.1 upstream, where Host is mandatory. `via` is
-    the Via line to add (b"" when `via:` is switched off)."""
+    the Via line to add (b"" when `via:` is switched off). `scheme`: the listener's (X-Forwarded-Proto)."""
     lines = req.lines
     tokens = req.conn_tokens
     if tokens:
@@ -65,7 +67,7 @@ def upstream_head(req: Request, peer: bytes, trusted_peer: bool, default_host: b
     if req.host is None and default_host is not None:
         lines = [b"Host: " + default_host + b"\r\n", *lines]
     xff = peer if req.xff is None else req.xff + b", " + peer
-    proto = req.xfproto if trusted_peer and req.xfproto else b"http"
+    proto = req.xfproto if trusted_peer and req.xfproto else scheme
     fhost = req.xfhost if trusted_peer and req.xfhost else req.host
     if req.te is not None:
         framing = b"Transfer-Encoding: chunked\r\n"

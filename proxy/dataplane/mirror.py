@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from time import monotonic
 from typing import TYPE_CHECKING, cast
@@ -33,7 +34,7 @@ from proxy.analysis.stats import SKIP_OVERLOADED, SKIP_TOO_LARGE
 from proxy.dataplane.mirror_rule import MirrorJob, MirrorRule
 
 if TYPE_CHECKING:
-    from proxy.config.model import Endpoint
+    from proxy.config.model import Endpoint, UpstreamTLS
     from proxy.dataplane.request import Request
 
 log = logging.getLogger("canary_proxy.mirror")
@@ -144,6 +145,7 @@ class Mirrors:
         self.busy: set[_MirrorConnection] = set()  # connections with a copy on the wire
         self.idle: dict[str, list[_MirrorConnection]] = {}
         self.closed = False
+        self.tls: dict[UpstreamTLS, ssl.SSLContext] = {}  # https:// mirrors: the pools' contexts
 
     # -- called by the data plane (cheap, synchronous) -------------------------------------------
 
@@ -187,7 +189,7 @@ class Mirrors:
         rule = job.rule
         endpoint = rule.pick()
         ex = _Exchange(
-            rule, endpoint.key, req.head[:-2] + MIRROR_HEADER + b"\r\n" + body, req.method == b"HEAD", monotonic()
+            rule, endpoint.pool_key, req.head[:-2] + MIRROR_HEADER + b"\r\n" + body, req.method == b"HEAD", monotonic()
         )
         conn = self._take(ex.key)
         if conn is not None:
@@ -212,8 +214,22 @@ class Mirrors:
         ex.retry = False
         loop = asyncio.get_running_loop()
         try:
+            tls = endpoint.tls
             async with asyncio.timeout(ex.rule.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _MirrorConnection(self), endpoint.host, endpoint.port)
+                if tls is None:
+                    host, port = endpoint.host, endpoint.port
+                    _, conn = await loop.create_connection(lambda: _MirrorConnection(self), host, port)
+                else:
+                    ctx = self.tls.get(tls)
+                    if ctx is None:  # never fall back to cleartext
+                        raise ConnectionRefusedError(f"no TLS context for https://{endpoint.key}")
+                    _, conn = await loop.create_connection(
+                        lambda: _MirrorConnection(self),
+                        endpoint.host,
+                        endpoint.port,
+                        ssl=ctx,
+                        server_hostname=tls.server_name or endpoint.host,
+                    )
         except (OSError, TimeoutError):
             self._record(ex, 0)
             return
@@ -246,7 +262,7 @@ class Mirrors:
             conn.close()
         if reset and ex.retry and not self.closed:
             # A pooled connection the mirror had closed while idle: once more, on a new one.
-            endpoint = next((e for e in ex.rule.endpoints if e.key == ex.key), None)
+            endpoint = next((e for e in ex.rule.endpoints if e.pool_key == ex.key), None)
             if endpoint is not None:
                 self._connect(ex, endpoint)
                 return

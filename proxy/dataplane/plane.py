@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 from proxy.analysis.stats import Stats
+from proxy.config.model import UpstreamTLS
 from proxy.dataplane import deadlines
 from proxy.dataplane.context import PlaneContext
 from proxy.dataplane.legs.http1_client import ClientConnection
@@ -36,10 +38,37 @@ class DataPlane(PlaneContext):
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(
-        self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None
+        self,
+        host: str,
+        port: int,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
-        """Listen and start the deadline sweeper."""
-        if sock is not None:
+        """Listen and start the deadline sweeper. `tls`: terminate TLS with this (dispatcher) context;
+        a client that has not completed its handshake within `handshake_timeout` is dropped."""
+        if tls is not None:
+            self.scheme = b"https"
+            if sock is not None:
+                self.server = await self.loop.create_server(
+                    lambda: ClientConnection(self),
+                    sock=sock,
+                    backlog=4096,
+                    ssl=tls,
+                    ssl_handshake_timeout=handshake_timeout,
+                )
+            else:
+                self.server = await self.loop.create_server(
+                    lambda: ClientConnection(self),
+                    host,
+                    port,
+                    reuse_port=reuse_port or None,
+                    backlog=4096,
+                    ssl=tls,
+                    ssl_handshake_timeout=handshake_timeout,
+                )
+        elif sock is not None:
             self.server = await self.loop.create_server(
                 lambda: ClientConnection(self), sock=sock, backlog=4096
             )
@@ -56,11 +85,16 @@ class DataPlane(PlaneContext):
         port: int = server.sockets[0].getsockname()[1]
         return port
 
+    def set_upstream_tls(self, contexts: dict[UpstreamTLS, ssl.SSLContext]) -> None:
+        """The client contexts of `https://` endpoints, for new upstream and mirror connections."""
+        self.pools.set_tls(contexts)
+        self.mirrors.tls = contexts
+
     def swap(self, snapshot: Snapshot) -> None:
         """Make `snapshot` current. In-flight requests keep the one they started with."""
         self.snapshot = snapshot
         self.set_via(snapshot.config.via)
-        keys = {ep.key for up in snapshot.config.upstreams.values() for ep in up.endpoints}
+        keys = {ep.pool_key for up in snapshot.config.upstreams.values() for ep in up.endpoints}
         self.pools.retain(keys)
 
     async def drain(self, grace: float) -> bool:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from proxy.config.model import Endpoint, OutlierDetection
+from proxy.config.model import Endpoint, OutlierDetection, UpstreamTLS
 from proxy.dataplane.clock import Clock
 from proxy.dataplane.legs.base import UpstreamLeg
 
@@ -40,6 +41,10 @@ class EndpointPool:
         self.ejections = 0
         self.ejected_until = 0.0
         self.connects = 0  # connections opened (for tests and /status)
+        # https:// endpoints: the client context (set by PoolRegistry.set_tls) and the SNI name.
+        self.ssl: ssl.SSLContext | None = None
+        tls = endpoint.tls
+        self.server_hostname: str | None = None if tls is None else tls.server_name or endpoint.host
 
     def take_idle(self) -> UpstreamLeg | None:
         """A pooled connection that is still open, or None."""
@@ -56,8 +61,16 @@ class EndpointPool:
         """Open a new connection (raises OSError / TimeoutError)."""
         loop = asyncio.get_running_loop()
         factory = self.factory
+        ctx = self.ssl
+        if ctx is None and self.endpoint.tls is not None:  # never fall back to cleartext
+            raise ConnectionRefusedError(f"no TLS context for https://{self.endpoint.key}")
         async with asyncio.timeout(timeout):
-            _, conn = await loop.create_connection(lambda: factory(self), self.host, self.port)
+            if ctx is None:
+                _, conn = await loop.create_connection(lambda: factory(self), self.host, self.port)
+            else:  # the timeout covers the TLS handshake too
+                _, conn = await loop.create_connection(
+                    lambda: factory(self), self.host, self.port, ssl=ctx, server_hostname=self.server_hostname
+                )
         self.connects += 1
         return cast(UpstreamLeg, conn)  # the factory makes legs
 
@@ -113,13 +126,25 @@ class PoolRegistry:
     def __init__(self, plane: DataPlaneLike, factory: ConnectionFactory) -> None:
         self.plane = plane
         self.factory = factory
-        self.pools: dict[str, EndpointPool] = {}
+        self.pools: dict[str, EndpointPool] = {}  # by Endpoint.pool_key
+        self.tls: dict[UpstreamTLS, ssl.SSLContext] = {}  # client contexts of https:// endpoints
 
     def pool_for(self, endpoint: Endpoint) -> EndpointPool:
-        pool = self.pools.get(endpoint.key)
+        key = endpoint.pool_key
+        pool = self.pools.get(key)
         if pool is None or pool.retired:
-            pool = self.pools[endpoint.key] = EndpointPool(endpoint, self.plane, self.factory)
+            pool = self.pools[key] = EndpointPool(endpoint, self.plane, self.factory)
+            if endpoint.tls is not None:
+                pool.ssl = self.tls.get(endpoint.tls)
         return pool
+
+    def set_tls(self, contexts: dict[UpstreamTLS, ssl.SSLContext]) -> None:
+        """Use these client contexts for new connections (pooled ones keep theirs until closed)."""
+        self.tls = contexts
+        for pool in self.pools.values():
+            tls = pool.endpoint.tls
+            if tls is not None:
+                pool.ssl = contexts.get(tls)
 
     def retain(self, keys: set[str]) -> None:
         """Retire (drain and close) every pool whose endpoint is no longer configured."""

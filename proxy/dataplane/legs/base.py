@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from proxy.config.model import Timeouts
 
+# The application protocols the client legs can speak, in preference order. The TLS listener
+# offers `tls.alpn` intersected with this, so a protocol is never advertised before a leg speaks it.
+ALPN_SUPPORTED: tuple[str, ...] = ("http/1.1",)
+
 # Why client reading is paused (bitmask): waiting for a pipelined turn, upstream write buffer full,
 # or waiting for an upstream connection; after an Upgrade request, until the upstream's answer.
 P_PIPELINE, P_UPLOAD, P_CONNECT = 1, 2, 4

@@ -1,0 +1,1 @@
+"""TLS: the listener (server contexts, SNI, handshake errors) and `https://` upstreams."""
