@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     p.add_argument("--rounds", type=int, help="rounds per scenario (default 3, quick 1)")
     p.add_argument("--duration", type=float, help="seconds per wrk run (default 10, quick 3)")
-    p.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma list of 1-7 (7 = worker scaling)")
+    p.add_argument(
+        "--scenarios",
+        default="1,2,3,4,5,6,7,8,9",
+        help="comma list of 1-9 (7 = worker scaling, 8/9 = HTTPS keep-alive / TLS handshakes)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes for both proxies (passed through)")
     p.add_argument(
         "--self-test",
@@ -149,7 +153,7 @@ def run_scenarios(
             continue
         bench.check_alive()
         if result is None:
-            print(f"[{number}] skipped: canary-proxy does not accept `run --workers`\n", flush=True)
+            print(f"[{number}] skipped: not available in this run\n", flush=True)
             continue
         results.append(result)
         print(report.console_table(result), f"\n  ({time.monotonic() - t0:.0f} s)\n", flush=True)
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 idle_count=opts.idle_count,
                 fresh=bench.fresh,
                 scaled=bench.scaled if bench.supports_workers and not opts.self_test else None,
+                tls=bench.tls_pair,
             )
             results, failures = run_scenarios(opts, bench, ctx)
             setup = [

@@ -141,6 +141,41 @@ class Lineup:
         cmd = self.slot_cmd(key, f"fresh-{key}", port, admin)
         return self.instance(key, f"fresh {key}", f"fresh-{key}", cmd, port, self.cores.proxy)
 
+    def tls_cert(self) -> tuple[Path, Path]:
+        """A self-signed EC P-256 certificate for 127.0.0.1 (both proxies serve the same one)."""
+        cert, key = self.work / "tls.crt", self.work / "tls.key"
+        if not cert.exists():
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost", "-days", "7",
+                 "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        return cert, key
+
+    @contextlib.contextmanager
+    def tls_pair(self) -> Iterator[tuple[Target, Target]]:
+        """Both slots terminating TLS (same certificate, same pinning), for the TLS scenarios."""
+        pair = self.tls_cert()
+        ours_port, admin = self.ports.tls(OURS)
+        nginx_port, _ = self.ports.tls(NGINX)
+        config = self.work / "canary-proxy-tls.yaml"
+        config.write_text(proxy_config(ours_port, admin, self.ports, pair))
+        ours_cmd = [self.python, "-m", "proxy", "run", "-c", str(config)]
+        prefix = self.work / "nginx-proxy-tls"
+        conf = nginx.write_proxy(prefix, nginx_port, self.ports, self.workers, self.nofile, pair)
+        if self.self_test:
+            own = self.work / "self-tls"
+            own_conf = nginx.write_proxy(own, ours_port, self.ports, self.workers, self.nofile, pair)
+            ours_cmd = nginx.command(own, own_conf)
+        cpus = self.cores.proxy
+        nginx_cmd = nginx.command(prefix, conf)
+        with (
+            self.instance(OURS, "canary-proxy (TLS)", "canary-proxy-tls", ours_cmd, ours_port, cpus) as ours,
+            self.instance(NGINX, "nginx (TLS)", "nginx-proxy-tls", nginx_cmd, nginx_port, cpus) as theirs,
+        ):
+            yield ours, theirs
+
     def scaled(self, workers: int) -> contextlib.AbstractContextManager[Target]:
         """An unpinned canary-proxy with ``workers`` workers, for the scaling line."""
         port, admin = self.ports.scaling(workers)

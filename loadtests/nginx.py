@@ -78,14 +78,24 @@ def write_upstream(prefix: Path, ports: Ports, files: Files, nofile: int) -> Pat
     return conf
 
 
-def write_proxy(prefix: Path, port: int, ports: Ports, workers: int, nofile: int) -> Path:
+def write_proxy(
+    prefix: Path, port: int, ports: Ports, workers: int, nofile: int, tls: tuple[Path, Path] | None = None
+) -> Path:
     """The nginx reverse proxy with canary-proxy's routing: header rule, then sticky 90/10 split.
 
     split_clients hashes ``$http_x_user_id`` (MurmurHash2) into the 10 % / 90 % buckets, and a map on
     ``$http_x_canary`` overrides it, like the ``beta`` route. Upstream connections are kept alive.
     Small and 64 KiB responses use nginx's default (in-memory) response buffering; /upload and
-    /download stream unbuffered in both directions, as canary-proxy does.
+    /download stream unbuffered in both directions, as canary-proxy does. ``tls`` (cert, key): the
+    listener terminates TLS 1.2+ with that pair (session cache and tickets on, nginx's defaults).
     """
+    listen = f"listen 127.0.0.1:{port} backlog=4096;"
+    if tls is not None:
+        listen = (
+            f"listen 127.0.0.1:{port} ssl backlog=4096;\n        ssl_certificate {tls[0]};\n"
+            f"        ssl_certificate_key {tls[1]};\n        ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "        ssl_session_cache shared:SSL:10m;"
+        )
     _prepare(prefix)
     user_var = "$http_" + USER_HEADER.replace("-", "_")
     canary_var = "$http_" + CANARY_HEADER.replace("-", "_")
@@ -111,7 +121,7 @@ def write_proxy(prefix: Path, port: int, ports: Ports, workers: int, nofile: int
     split_clients "{user_var}" $split {{ 10% canary; * stable; }}
     map {canary_var} $pool {{ always canary; default $split; }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        {listen}
         location / {{
             proxy_pass http://$pool;
             proxy_http_version 1.1;

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtests import clients, wrk
+from loadtests import clients, tls_scenarios, wrk
 from loadtests.harness import CoreLoad, Cores, Usage, rss_bytes
 from loadtests.report import NGINX, OURS, Check, Sample, ScenarioResult
 from loadtests.topology import Files
@@ -41,6 +41,8 @@ class Context:
     # Starts canary-proxy with N workers (for the scaling line); None when --workers is unsupported.
     scaled: Callable[[int], AbstractContextManager[Target]] | None = None
     memo: dict[str, float] = field(default_factory=dict)  # nginx saturation from scenario 1
+    # Starts both slots terminating TLS (the TLS scenarios, loadtests/tls_scenarios.py).
+    tls: Callable[[], AbstractContextManager[tuple[Target, Target]]] | None = None
 
     def alternate(self, measure: Callable[[Target], Sample]) -> dict[str, list[Sample]]:
         """Run ``measure`` on both proxies each round, swapping who goes first every round."""
@@ -272,4 +274,6 @@ SCENARIOS: dict[int, Callable[[Context], ScenarioResult | None]] = {
     5: idle,
     6: fixed_rate,
     7: scaling,
+    8: tls_scenarios.keep_alive,
+    9: tls_scenarios.handshakes,
 }

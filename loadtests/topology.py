@@ -48,6 +48,10 @@ class Ports:
         """(listen, admin) of a short-lived instance started for the idle-connection memory test."""
         return (self.base + 85, self.base + 905) if key == "ours" else (self.base + 86, self.base + 906)
 
+    def tls(self, key: str) -> tuple[int, int]:
+        """(listen, admin) of the TLS-terminating instance of slot ``key`` (the TLS scenarios)."""
+        return (self.base + 87, self.base + 907) if key == "ours" else (self.base + 88, self.base + 908)
+
     def scaling(self, workers: int) -> tuple[int, int]:
         """(listen, admin) of the extra canary-proxy started with ``workers`` workers."""
         return self.base + 90 + workers, self.base + 910 + workers
@@ -62,6 +66,8 @@ class Ports:
             self.admin,
             *self.fresh("ours"),
             *self.fresh("nginx"),
+            *self.tls("ours"),
+            *self.tls("nginx"),
             *self.scaling(1),
             *self.scaling(2),
         ]
@@ -95,9 +101,11 @@ class Files:
                 pass
 
 
-def proxy_config(listen: int, admin: int, ports: Ports) -> str:
-    """canary-proxy YAML with the same routing as the nginx proxy, analysis and metrics on."""
-    return f"""\
+def proxy_config(listen: int, admin: int, ports: Ports, tls: tuple[Path, Path] | None = None) -> str:
+    """canary-proxy YAML with the same routing as the nginx proxy, analysis and metrics on; ``tls``
+    (cert, key): the listener terminates TLS with that pair."""
+    tls_keys = f"tls: {{cert: {tls[0]}, key: {tls[1]}}}\n" if tls is not None else ""
+    return tls_keys + f"""\
 listen: 127.0.0.1:{listen}
 admin: 127.0.0.1:{admin}
 upstreams:

@@ -82,8 +82,17 @@ def connections_for_rate(rate: float) -> int:
     return max(1, round(rate * MEAN_DELAY_MS / 1000))
 
 
-def run(port: int, script: Path, connections: int, duration: float, cpus: str | None, timeout_s: int = 5) -> WrkResult:
-    """One wrk run (one thread: the load side has a single core on the reference machine)."""
+def run(
+    port: int,
+    script: Path,
+    connections: int,
+    duration: float,
+    cpus: str | None,
+    timeout_s: int = 5,
+    scheme: str = "http",
+) -> WrkResult:
+    """One wrk run (one thread: the load side has a single core on the reference machine). `scheme`
+    "https": over TLS (wrk does not verify the certificate, and never resumes a TLS session)."""
     cmd = pinned(
         [
             "wrk",
@@ -93,7 +102,7 @@ def run(port: int, script: Path, connections: int, duration: float, cpus: str | 
             f"--timeout={timeout_s}s",
             "-s",
             str(script),
-            f"http://127.0.0.1:{port}",
+            f"{scheme}://127.0.0.1:{port}",
         ],
         cpus,
     )
