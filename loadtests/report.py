@@ -202,4 +202,8 @@ def write_results(
     begin, end = "<!-- decisions:begin -->", "<!-- decisions:end -->"
     if begin in old and end in old:
         parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
+    # And the TLS section (scenarios 8 and 9 measured on their own, see loadtests/tls_scenarios.py).
+    begin, end = "<!-- tls:begin -->", "<!-- tls:end -->"
+    if begin in old and end in old:
+        parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
     path.write_text("\n".join(parts))
