@@ -9,6 +9,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # Fleet mode tests start their own redis-server (Valkey works the same).
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# h2load (HTTP/2 tests and the HTTP/2 loadtest); curl with HTTP/2 comes with Debian's curl.
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 # prlimit (descriptor-limit tests) and mount (a small tmpfs stands in for a full disk).
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v mount >/dev/null 2>&1 || need+=(mount)

@@ -321,6 +321,7 @@ class _Parser(RouteReader):
             "max_url_length": size,
             "max_body_size": r.size,
             "max_connections": count,
+            "http2_max_concurrent_streams": lambda x: r.integer(x, 1, 10_000),
         }
         return r.record(v, Limits, readers) or Limits()
 

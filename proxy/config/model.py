@@ -180,6 +180,7 @@ class Limits:
     max_url_length: int = 8 * 1024
     max_body_size: int | None = None  # None = unlimited
     max_connections: int = 10_000  # client connections per process
+    http2_max_concurrent_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 # The application protocols the client legs can speak, in preference order. The TLS listener
 # offers `tls.alpn` intersected with this, so a protocol is never advertised before a leg speaks it.
-ALPN_SUPPORTED: tuple[str, ...] = ("http/1.1",)
+# HTTP/2 goes to legs/h2_client.py (see http1_client's hand-off on ALPN "h2").
+ALPN_SUPPORTED: tuple[str, ...] = ("h2", "http/1.1")
 
 # Why client reading is paused (bitmask): waiting for a pipelined turn, upstream write buffer full,
 # or waiting for an upstream connection; after an Upgrade request, until the upstream's answer.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from proxy.dataplane import exchange, recording
+from proxy.dataplane.legs import h2_client
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.base import P_CONNECT, P_PIPELINE, P_TUNNEL
 from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW
@@ -58,6 +59,36 @@ class ClientConnection(ClientResponder):
             return
         self.deadline = plane.clock.read() + self.timeouts.client_header
         self.dkind = D_HEADER
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None and tls.selected_alpn_protocol() == "h2":
+            self._to_h2(b"")  # TLS negotiated HTTP/2
+
+    def _first_bytes(self, data: bytes) -> bytes:
+        """The connection's first read: the HTTP/2 connection preface hands the connection to the
+        HTTP/2 leg (cleartext h2c with prior knowledge). Returns what HTTP/1.1 parses (b"": none)."""
+        if self.first:
+            data = self.first + data
+            self.first = b""
+        if data[:1] == b"P":
+            if data.startswith(h2_client.PREFACE):
+                self._to_h2(data)
+                return b""
+            if len(data) < len(h2_client.PREFACE) and h2_client.PREFACE.startswith(data):
+                self.first = data  # the preface may come split across reads
+                return b""
+        self.fresh = False
+        return data
+
+    def _to_h2(self, data: bytes) -> None:
+        """Hand this connection to the HTTP/2 leg, which owns it from now on."""
+        t = self.transport
+        if t is None:
+            return
+        self.plane.clients.discard(self)
+        self.transport = None
+        self.closed = self.dead = True
+        self.fresh = False
+        h2_client.take_over(self.plane, t, self.peer, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -94,6 +125,10 @@ class ClientConnection(ClientResponder):
             if self.current is not None and self.current.upgrade is not None:
                 self.early.append(data)
             return
+        if self.fresh:
+            data = self._first_bytes(data)
+            if not data:
+                return
         # One clock read per read: the request's start time and every deadline set while parsing.
         self.plane.clock.read()
         if self.ubuf:

@@ -77,6 +77,10 @@ class ClientIO(asyncio.BufferedProtocol):
         self.ubody_left = 0  # Content-Length bytes still due; -1: chunked (see `ubody_parser`)
         self.ubody_parser: httptools.HttpRequestParser | None = None
         self.tunnel_req: Request | None = None  # a 101's request: logged when the tunnel ends
+        # The connection's first bytes are checked once for the HTTP/2 preface (h2c with prior
+        # knowledge); `first` holds a read too short to tell (at most 23 bytes).
+        self.fresh = True
+        self.first = b""
 
     def pause_writing(self) -> None:
         self.write_blocked_at = self.plane.clock.read()

@@ -1,0 +1,352 @@
+"""Client leg (HTTP/2): one asyncio protocol per HTTP/2 client connection, framing with python-hyper
+`h2`; each stream becomes one request on the exchange (:mod:`.h2_stream`).
+
+The HTTP/1.1 leg hands a connection over (:func:`take_over`) when TLS negotiated ALPN `h2` or the
+first bytes are the HTTP/2 connection preface (cleartext h2c with prior knowledge). This class owns
+the connection from then on: settings, the per-connection deadlines, the flood counters
+(:mod:`.h2_limits`), write batching and backpressure, and the graceful GOAWAY on drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, cast
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingReceived,
+    PriorityUpdated,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+from proxy.dataplane import exchange
+from proxy.dataplane.legs import h2_limits as L
+from proxy.dataplane.legs.base import UpstreamLeg
+from proxy.dataplane.legs.h2_request import build
+from proxy.dataplane.legs.h2_respond import HOLD_CONNECTION, H2Responder
+from proxy.dataplane.legs.h2_stream import H2Stream
+from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW
+from proxy.dataplane.legs.http1_request import Reject
+from proxy.dataplane.request import Request
+
+if TYPE_CHECKING:
+    from proxy.dataplane.context import PlaneContext
+
+log = logging.getLogger("canary_proxy.http")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# What the connection's one deadline means (the sweeper calls on_timeout when it passes).
+D_NONE, D_HEADER, D_IDLE, D_STREAMS = 0, 1, 2, 3
+TICK = 1.0  # while streams are open: how often their body and send deadlines are checked
+
+
+def take_over(plane: PlaneContext, transport: asyncio.Transport, peer: bytes, data: bytes) -> None:
+    """Make an HTTP/2 connection the protocol of `transport` (the HTTP/1.1 leg has let go of it);
+    `data`: what was read so far (the preface, and maybe more)."""
+    conn = H2ClientConnection(plane, peer)
+    transport.set_protocol(conn)
+    conn.connection_made(transport)
+    if data:
+        conn.data_received(data)
+
+
+class H2ClientConnection(asyncio.BufferedProtocol):
+    """One HTTP/2 client connection: a :class:`~proxy.dataplane.context.ClientSide` for the sweeper
+    and the drain (its streams are the exchanges' client sides)."""
+
+    def __init__(self, plane: PlaneContext, peer: bytes) -> None:
+        self.plane = plane
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.queued = False
+        self.current: Request | None = None  # a request in flight (the drain reports it)
+        self.deadline = 0.0
+        self.dkind = D_NONE
+        self.paused = 0
+        self.write_blocked_at = 0.0
+        self.blocked = False  # our write buffer is full: every stream holds its upstream
+        self.streams: dict[int, H2Stream] = {}
+        self.goaway = False  # GOAWAY sent: no new streams
+        config = plane.snapshot.config
+        self.timeouts = config.timeouts
+        limits = config.limits
+        self.h2 = h2 = H2Connection(
+            H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                validate_outbound_headers=False,  # built by us from parsed, checked HTTP/1.1 fields
+                normalize_outbound_headers=False,
+            )
+        )
+        h2.local_settings = Settings(client=False, initial_values=L.local_settings(limits))
+        h2.decoder.max_header_list_size = L.max_header_list_size(limits)  # before the client's ACK too
+        self.block_cap = L.header_block_cap(limits)
+        self.resets = L.Counter(L.RESET_LIMIT)
+        self.control = L.Counter(L.CONTROL_LIMIT)
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        # Several streams share this buffer: a little more room than one HTTP/1.1 response has.
+        transport.set_write_buffer_limits(4 * WRITE_HIGH, WRITE_LOW)
+        self.plane.clients.add(self)
+        h2 = self.h2
+        h2.initiate_connection()
+        h2.increment_flow_control_window(L.CONNECTION_WINDOW - L.STREAM_WINDOW)
+        self.flush()
+        self.deadline = self.plane.clock.read() + self.timeouts.client_header
+        self.dkind = D_HEADER
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.plane.clients.discard(self)
+        self._drop_streams()
+        self.transport = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return READ_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(READ_VIEW[:nbytes]))
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        now = self.plane.clock.read()
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            # The library queued a GOAWAY with the error code (PROTOCOL_ERROR, or ENHANCE_YOUR_CALM
+            # for an HPACK bomb, FLOW_CONTROL_ERROR...): send it and close.
+            log.debug("HTTP/2 client %s: %s", self.peer.decode(), exc)
+            self.plane.stats.rejected += 1
+            self.terminate(None)
+            return
+        for ev in events:
+            if isinstance(ev, DataReceived):
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.on_data(ev.data, ev.flow_controlled_length)
+                else:  # a stream we answered or reset: its bytes still count against our window
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if not ev.data and ev.stream_ended is None and self.control.hit(now):
+                    self.calm()
+            elif isinstance(ev, RequestReceived):
+                self.request(ev.stream_id, ev.headers, ev.stream_ended is not None)
+            elif isinstance(ev, StreamEnded):
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.on_end()
+            elif isinstance(ev, WindowUpdated):
+                self.window_opened(ev.stream_id)
+            elif isinstance(ev, StreamReset):
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.lost()  # the library sent or saw the RST_STREAM: nothing more to send
+                if ev.remote_reset and self.resets.hit(now):
+                    log.warning("HTTP/2 client %s reset too many streams (rapid reset): GOAWAY", self.peer.decode())
+                    self.calm()
+            elif isinstance(ev, TrailersReceived):
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.on_trailers(list(ev.headers or ()))
+            elif isinstance(ev, (PingReceived, PriorityUpdated)):
+                if self.control.hit(now):
+                    self.calm()
+            elif isinstance(ev, RemoteSettingsChanged):
+                if self.control.hit(now):
+                    self.calm()
+                elif SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+                    self.window_opened(0)
+            elif isinstance(ev, ConnectionTerminated):
+                self.terminate(None)  # the client's GOAWAY: the library sends nothing more
+            if self.closed:
+                return
+        buffered = getattr(self.h2.incoming_buffer, "_headers_buffer", None)  # unfinished header block
+        if buffered and sum(len(f.data) for f in buffered) > self.block_cap:
+            log.warning("HTTP/2 client %s: header block over the limit (CONTINUATION flood)", self.peer.decode())
+            self.calm()
+            return
+        self.flush()
+
+    def pause_writing(self) -> None:
+        self.write_blocked_at = self.plane.clock.read()
+        self.blocked = True
+        for stream in list(self.streams.values()):
+            stream.set_hold(HOLD_CONNECTION, True)
+
+    def resume_writing(self) -> None:
+        self.write_blocked_at = 0.0
+        self.blocked = False
+        for stream in list(self.streams.values()):
+            stream.set_hold(HOLD_CONNECTION, False)
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    def request(self, sid: int, headers: object, ended: bool) -> None:
+        """A new stream's complete header list: the request goes to the exchange."""
+        plane = self.plane
+        if self.goaway:
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY (drain)
+            return
+        req = Request(plane.snapshot)
+        req.peer = self.peer
+        req.t0 = plane.clock.now
+        req.keep_alive = False  # nothing follows on a stream (HTTP/1.1's notion, for the legs)
+        try:
+            build(req, headers, ended, plane.via, req.snapshot.route_headers)  # type: ignore[arg-type]
+            req.max_body = exchange.route(plane, req, self.peer)
+            if req.max_body is not None and req.clen > req.max_body:
+                raise Reject(413)
+        except Reject as exc:
+            plane.stats.rejected += 1
+            req.error = exc.status
+        stream = H2Stream(self, sid, req, self.peer)
+        if self.blocked:
+            stream.hold = HOLD_CONNECTION
+        self.streams[sid] = stream
+        self.current = req
+        if self.dkind != D_STREAMS:
+            self.deadline = plane.clock.now + TICK
+            self.dkind = D_STREAMS
+        if ended:
+            stream.on_end()
+        exchange.begin(plane, stream, req)
+
+    def window_opened(self, sid: int) -> None:
+        """The client's window grew (one stream's, or the connection's: every stream may go on)."""
+        if sid:
+            stream = self.streams.get(sid)
+            if stream is not None and stream.out:
+                stream.pump()
+            return
+        for stream in list(self.streams.values()):
+            if stream.out:
+                stream.pump()
+
+    def stream_done(self, stream: H2Responder) -> None:
+        """`stream` ended (answered, reset or lost)."""
+        self.streams.pop(stream.sid, None)
+        if self.closed:
+            return
+        streams = self.streams
+        if streams:
+            self.current = next(iter(streams.values())).current
+            return
+        self.current = None
+        if self.goaway:
+            self.flush()
+            self.close()  # draining: the last stream is done
+            return
+        self.deadline = self.plane.clock.now + self.timeouts.idle
+        self.dkind = D_IDLE
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def schedule_flush(self) -> None:
+        """Write what the streams produced at the end of this loop iteration, in one call."""
+        if not self.queued:
+            self.queued = True
+            self.plane.queue_flush(self)
+
+    def flush_queued(self) -> None:
+        self.queued = False
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        t = self.transport
+        if data and t is not None:
+            t.write(data)
+            if t.get_write_buffer_size() > L.MAX_QUEUED:
+                self.abort()  # a client that sends but never reads (ping/settings acks pile up)
+
+    # -- ClientSide (sweeper, drain) -------------------------------------------------------------
+
+    def is_idle(self) -> bool:
+        """No stream in flight. While the plane drains, the first call sends GOAWAY (the last
+        stream id we will serve): in-flight streams finish, the client opens no new ones."""
+        if self.plane.draining and not self.goaway and not self.closed:
+            self.flush()
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.h2.highest_inbound_stream_id
+            frame.error_code = ErrorCodes.NO_ERROR
+            self.goaway = True
+            if self.transport is not None:
+                self.transport.write(frame.serialize())
+        return not self.streams
+
+    def on_timeout(self, now: float) -> None:
+        if self.dkind == D_STREAMS:
+            for stream in list(self.streams.values()):
+                stream.on_timeout(now)
+            if self.dkind == D_STREAMS:
+                self.deadline = now + TICK
+            return
+        # No stream open: the first HEADERS never came (header timeout), or idle for timeouts.idle.
+        self.dkind = D_NONE
+        self.close()
+
+    def check_gone(self) -> None:
+        pass  # reading never pauses: a FIN or RST is seen at once
+
+    def respond_error(self, req: Request, status: int) -> None:
+        pass  # requests are answered on their streams
+
+    def upstream_ready(self, leg: UpstreamLeg) -> None:
+        pass  # upstream connections serve streams
+
+    def pause_reading_for(self, reason: int) -> None:
+        pass  # backpressure is per stream (flow control), never the whole connection
+
+    def calm(self) -> None:
+        """GOAWAY ENHANCE_YOUR_CALM and close: the client abuses the protocol."""
+        self.plane.stats.rejected += 1
+        self.terminate(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def terminate(self, code: ErrorCodes | None) -> None:
+        """Send GOAWAY `code` (None: the library queued one already), stop every stream, close."""
+        if code is not None and not self.goaway:
+            self.goaway = True
+            with contextlib.suppress(ProtocolError):  # closed already (the client's GOAWAY)
+                self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+        self.goaway = True
+        self.closed = True
+        self._drop_streams()
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        """Close gently: GOAWAY NO_ERROR (unless one was sent), flush, close."""
+        if self.closed:
+            return
+        self.terminate(ErrorCodes.NO_ERROR)
+
+    def abort(self) -> None:
+        self.closed = True
+        self._drop_streams()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _drop_streams(self) -> None:
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            stream.lost()
