@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 HOLD_WINDOW, HOLD_CONNECTION = 1, 2
 
 
+def body_sent(req: Request) -> bool:
+    """The whole request body arrived (its END_STREAM may still be on its way after the last byte
+    a Content-Length announced: the upstream connection stays reusable, the stream is not reset)."""
+    return req.complete or (req.te is None and 0 <= req.clen <= req.body_bytes)
+
+
 class StreamOwner(Protocol):
     """What a stream needs of its HTTP/2 connection (:class:`.h2_client.H2ClientConnection`)."""
 
@@ -183,7 +189,7 @@ class H2Responder:
         self.hold = 0
         pool = req.pool
         if pool is not None:
-            pool.release(conn, upstream_keep_alive and req.complete, self.timeouts.idle)
+            pool.release(conn, upstream_keep_alive and body_sent(req), self.timeouts.idle)
         self.ending = True
         self.pump()
 
@@ -248,7 +254,7 @@ class H2Responder:
             else:
                 h2.end_stream(self.sid)
         self.trailers = None
-        if not req.complete:
+        if not body_sent(req):
             # Answered before the request body ended: stop the upload (RFC 9113 8.1).
             h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
         self.conn.schedule_flush()
