@@ -13,6 +13,8 @@ from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, Event, ResponseReceived, StreamEnded, StreamReset
 
 Headers = list[tuple[bytes, bytes]]
+GOAWAY, RST_STREAM = 0x7, 0x3
+NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x7, 0xB
 
 
 def request_headers(path: str = "/", method: str = "GET", authority: str = "h2.test", **extra: str) -> Headers:
@@ -35,6 +37,8 @@ class RawH2:
         self.events: list[Event] = []
         self.closed = False
         self.received = 0  # bytes read from the server
+        self.frames: list[tuple[int, int, int, bytes]] = []  # (type, flags, stream, payload), as read
+        self._buf = b""
 
     @classmethod
     async def open(cls, port: int, validate: bool = True) -> RawH2:
@@ -68,10 +72,13 @@ class RawH2:
                 data = await asyncio.wait_for(self.reader.read(65536), left)
             except (ConnectionResetError, BrokenPipeError):
                 data = b""
+            except TimeoutError:
+                continue  # the deadline check above reports it
             if not data:
                 self.closed = True
                 continue
             self.received += len(data)
+            self._parse(data)
             try:
                 self.events += self.conn.receive_data(data)
             except Exception:  # the server's GOAWAY may cut our state machine short: keep the events
@@ -102,6 +109,33 @@ class RawH2:
                 self.conn.acknowledge_received_data(e.flow_controlled_length, sid)
         self.flush()
         return status, headers, body
+
+    def _parse(self, data: bytes) -> None:
+        """Split what the server sent into frames by hand (independent of our state machine)."""
+        buf = self._buf + data
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + length:
+                break
+            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            self.frames.append((buf[3], buf[4], sid, buf[9 : 9 + length]))
+            buf = buf[9 + length :]
+        self._buf = buf
+
+    def goaway_code(self) -> int | None:
+        """The error code of the server's GOAWAY frame, if one came (read off the wire)."""
+        for ftype, _, _, payload in self.frames:
+            if ftype == GOAWAY:
+                return int.from_bytes(payload[4:8], "big")
+        return None
+
+    def rst_codes(self) -> dict[int, int]:
+        """RST_STREAM frames the server sent: stream -> error code."""
+        return {sid: int.from_bytes(p[:4], "big") for ftype, _, sid, p in self.frames if ftype == RST_STREAM}
+
+    async def closes(self, timeout: float = 10.0) -> None:
+        """Read until the server closes the connection."""
+        await self.pump(lambda c: False, timeout)
 
     def goaway(self) -> ConnectionTerminated | None:
         """The server's GOAWAY, if one came."""

@@ -50,8 +50,9 @@ log = logging.getLogger("canary_proxy.http")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # What the connection's one deadline means (the sweeper calls on_timeout when it passes).
-D_NONE, D_HEADER, D_IDLE, D_STREAMS = 0, 1, 2, 3
+D_NONE, D_HEADER, D_IDLE, D_STREAMS, D_LINGER = 0, 1, 2, 3, 4
 TICK = 1.0  # while streams are open: how often their body and send deadlines are checked
+LINGER = 2.0  # after our GOAWAY: how long we read and drop before the final close
 
 
 def take_over(plane: PlaneContext, transport: asyncio.Transport, peer: bytes, data: bytes) -> None:
@@ -299,6 +300,10 @@ class H2ClientConnection(asyncio.BufferedProtocol):
             if self.dkind == D_STREAMS:
                 self.deadline = now + TICK
             return
+        if self.dkind == D_LINGER:
+            self.dkind = D_NONE
+            self.abort()
+            return
         # No stream open: the first HEADERS never came (header timeout), or idle for timeouts.idle.
         self.dkind = D_NONE
         self.close()
@@ -323,15 +328,24 @@ class H2ClientConnection(asyncio.BufferedProtocol):
     def terminate(self, code: ErrorCodes | None) -> None:
         """Send GOAWAY `code` (None: the library queued one already), stop every stream, close."""
         if code is not None and not self.goaway:
-            self.goaway = True
             with contextlib.suppress(ProtocolError):  # closed already (the client's GOAWAY)
                 self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
         self.goaway = True
         self.closed = True
         self._drop_streams()
         self.flush()
-        if self.transport is not None:
-            self.transport.close()
+        t = self.transport
+        if t is None:
+            return
+        if not t.can_write_eof():
+            t.close()
+            return
+        # Close gently: half-close, then read and drop what the client still sends until it closes
+        # or LINGER passes. Closing with unread input makes the kernel send a RST, and the client
+        # could lose the GOAWAY that says why.
+        t.write_eof()
+        self.deadline = self.plane.clock.read() + LINGER
+        self.dkind = D_LINGER
 
     def close(self) -> None:
         """Close gently: GOAWAY NO_ERROR (unless one was sent), flush, close."""
