@@ -1,6 +1,6 @@
 """HTTP/2 towards clients, with real clients: curl (--http2-prior-knowledge), nghttp, h2load and
-httpx (http2=True; http1=False is prior knowledge over cleartext) against the real proxy; streams take the same route, split, stickiness, metrics
-and access log as HTTP/1.1 requests."""
+httpx (http2=True; with http1=False it uses prior knowledge over cleartext) against the real proxy;
+streams take the same route, split, stickiness, metrics and access log as HTTP/1.1 requests."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ async def test_curl_prior_knowledge_get_and_post(proxy_factory: StartProxy, pair
     stable, canary = pair
     app = await proxy_factory(config_text(stable.url, canary.url))
     base = f"http://127.0.0.1:{port(app)}"
-    out = await run(str(CURL), "-sS", "--http2-prior-knowledge", "-w", "\n%{http_version} %{http_code}", f"{base}/a?q=1")
+    fmt = "\n%{http_version} %{http_code}"
+    out = await run(str(CURL), "-sS", "--http2-prior-knowledge", "-w", fmt, f"{base}/a?q=1")
     assert out == "stable GET /a?q=1 0\n\n2 200"
     out = await run(
         str(CURL), "-sS", "--http2-prior-knowledge", "-d", "hello world", "-w", "\n%{http_version}", f"{base}/post"
@@ -87,7 +88,8 @@ async def test_httpx_many_concurrent_streams_on_one_connection(
     app = await proxy_factory(config_text(stable.url, canary.url))
     assert app.plane is not None
     limits = httpx.Limits(max_connections=1)
-    async with httpx.AsyncClient(http1=False, http2=True, limits=limits, base_url=f"http://127.0.0.1:{port(app)}") as client:
+    base = f"http://127.0.0.1:{port(app)}"
+    async with httpx.AsyncClient(http1=False, http2=True, limits=limits, base_url=base) as client:
         first = await client.get("/warm")
         assert first.http_version == "HTTP/2" and first.status_code == 200
         n = 300  # more than the 100 concurrent streams allowed: the client queues the rest

@@ -94,9 +94,10 @@ class RawH2:
         return self.response(sid)
 
     def ended(self, sid: int) -> bool:
-        return any(
-            isinstance(e, (StreamEnded, StreamReset)) and e.stream_id == sid for e in self.events
-        ) or self.goaway() is not None
+        return (
+            any(isinstance(e, (StreamEnded, StreamReset)) and e.stream_id == sid for e in self.events)
+            or self.goaway() is not None
+        )
 
     def response(self, sid: int) -> tuple[int, dict[bytes, bytes], bytes]:
         status, headers, body = 0, {}, b""
