@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from aiohttp import web
 from conftest import ProxyProcess, Upstream, config_text, wait_running
 from h2.errors import ErrorCodes
-from hpack import Encoder
+from hpack import Decoder, Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
 from support.h2raw import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, RawH2, request_headers
 from support.polling import holds, wait_until
@@ -33,6 +34,7 @@ class Source:
         self.written = 0
         self.release = asyncio.Event()
         self.read = 0
+        self.held = 0  # /hold requests that arrived
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/big":
@@ -45,6 +47,7 @@ class Source:
             await resp.write_eof()
             return resp
         if request.path == "/hold":
+            self.held += 1
             await asyncio.wait_for(self.release.wait(), 30)
             self.read = len(await request.read())
             return web.Response(text=f"read {self.read}\n")
@@ -311,3 +314,30 @@ async def test_upload_to_a_slow_upstream_is_held_by_flow_control(
     status, _, body = client.response(sid)
     client.close()
     assert (status, body) == (200, f"read {total}\n".encode())
+
+
+async def test_sigterm_sends_goaway_and_lets_streams_in_flight_finish(
+    proxy_process: StartProcess, source: tuple[Source, Upstream]
+) -> None:
+    src, up = source
+    pp = start(proxy_process, up, "shutdown_grace: 10s\n")
+    client = await RawH2.open(pp.port)
+    client.conn.send_headers(1, request_headers("/hold"), end_stream=True)
+    client.flush()
+    await wait_until(lambda: src.held == 1, what="the request to reach the upstream")
+    pp.proc.send_signal(signal.SIGTERM)
+    await client.pump(lambda c: c.goaway_code() is not None)
+    assert client.goaway_code() == NO_ERROR
+    (payload,) = [p for ftype, _, _, p in client.frames if ftype == 0x7]
+    assert int.from_bytes(payload[:4], "big") == 1  # the last stream it will serve: ours
+    assert pp.proc.poll() is None  # still serving stream 1
+    src.release.set()
+    # Our state machine stops at a GOAWAY (h2 closes the connection state): read the frames raw.
+    await client.pump(lambda c: any(t == 0x0 and sid == 1 and flags & 0x1 for t, flags, sid, _ in c.frames))
+    (block,) = [p for t, _, sid, p in client.frames if t == 0x1 and sid == 1]
+    assert dict(Decoder().decode(block, raw=True))[b":status"] == b"200"
+    assert b"".join(p for t, _, sid, p in client.frames if t == 0x0 and sid == 1) == b"read 0\n"
+    await client.closes()
+    client.close()
+    await wait_until(lambda: pp.proc.poll() is not None, timeout=10.0, what="the proxy to exit")
+    assert pp.proc.returncode == 0

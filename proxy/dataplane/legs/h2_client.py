@@ -20,6 +20,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    Event,
     PingReceived,
     PriorityUpdated,
     RemoteSettingsChanged,
@@ -139,44 +140,15 @@ class H2ClientConnection(asyncio.BufferedProtocol):
             self.plane.stats.rejected += 1
             self.terminate(None)
             return
+        # Streams the client reset in this very read are never started (rapid reset costs little).
+        reset = {ev.stream_id for ev in events if isinstance(ev, StreamReset)} if len(events) > 1 else None
         for ev in events:
-            if isinstance(ev, DataReceived):
-                stream = self.streams.get(ev.stream_id)
+            try:
+                self.event(ev, now, reset)
+            except ProtocolError:  # a stream the library already closed: it ends like a lost one
+                stream = self.streams.get(getattr(ev, "stream_id", 0))
                 if stream is not None:
-                    stream.on_data(ev.data, ev.flow_controlled_length)
-                else:  # a stream we answered or reset: its bytes still count against our window
-                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                if not ev.data and ev.stream_ended is None and self.control.hit(now):
-                    self.calm()
-            elif isinstance(ev, RequestReceived):
-                self.request(ev.stream_id, ev.headers, ev.stream_ended is not None)
-            elif isinstance(ev, StreamEnded):
-                stream = self.streams.get(ev.stream_id)
-                if stream is not None:
-                    stream.on_end()
-            elif isinstance(ev, WindowUpdated):
-                self.window_opened(ev.stream_id)
-            elif isinstance(ev, StreamReset):
-                stream = self.streams.get(ev.stream_id)
-                if stream is not None:
-                    stream.lost()  # the library sent or saw the RST_STREAM: nothing more to send
-                if ev.remote_reset and self.resets.hit(now):
-                    log.warning("HTTP/2 client %s reset too many streams (rapid reset): GOAWAY", self.peer.decode())
-                    self.calm()
-            elif isinstance(ev, TrailersReceived):
-                stream = self.streams.get(ev.stream_id)
-                if stream is not None:
-                    stream.on_trailers(list(ev.headers or ()))
-            elif isinstance(ev, (PingReceived, PriorityUpdated)):
-                if self.control.hit(now):
-                    self.calm()
-            elif isinstance(ev, RemoteSettingsChanged):
-                if self.control.hit(now):
-                    self.calm()
-                elif SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
-                    self.window_opened(0)
-            elif isinstance(ev, ConnectionTerminated):
-                self.terminate(None)  # the client's GOAWAY: the library sends nothing more
+                    stream.lost()
             if self.closed:
                 return
         buffered = getattr(self.h2.incoming_buffer, "_headers_buffer", None)  # unfinished header block
@@ -185,6 +157,48 @@ class H2ClientConnection(asyncio.BufferedProtocol):
             self.calm()
             return
         self.flush()
+
+    def event(self, ev: Event, now: float, reset: set[int] | None) -> None:
+        """Handle one event of the library (what one frame, or a header block, meant)."""
+        if isinstance(ev, DataReceived):
+            stream = self.streams.get(ev.stream_id)
+            if stream is not None:
+                stream.on_data(ev.data, ev.flow_controlled_length)
+            else:  # a stream we answered or reset: its bytes still count against our window
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            if not ev.data and ev.stream_ended is None and self.control.hit(now):
+                self.calm()
+        elif isinstance(ev, RequestReceived):
+            if reset is not None and ev.stream_id in reset:
+                return
+            self.request(ev.stream_id, ev.headers, ev.stream_ended is not None)
+        elif isinstance(ev, StreamEnded):
+            stream = self.streams.get(ev.stream_id)
+            if stream is not None:
+                stream.on_end()
+        elif isinstance(ev, WindowUpdated):
+            self.window_opened(ev.stream_id)
+        elif isinstance(ev, StreamReset):
+            stream = self.streams.get(ev.stream_id)
+            if stream is not None:
+                stream.lost()  # the library sent or saw the RST_STREAM: nothing more to send
+            if ev.remote_reset and self.resets.hit(now):
+                log.warning("HTTP/2 client %s reset too many streams (rapid reset): GOAWAY", self.peer.decode())
+                self.calm()
+        elif isinstance(ev, TrailersReceived):
+            stream = self.streams.get(ev.stream_id)
+            if stream is not None:
+                stream.on_trailers(list(ev.headers or ()))
+        elif isinstance(ev, (PingReceived, PriorityUpdated)):
+            if self.control.hit(now):
+                self.calm()
+        elif isinstance(ev, RemoteSettingsChanged):
+            if self.control.hit(now):
+                self.calm()
+            elif SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+                self.window_opened(0)
+        elif isinstance(ev, ConnectionTerminated):
+            self.terminate(None)  # the client's GOAWAY: the library sends nothing more
 
     def pause_writing(self) -> None:
         self.write_blocked_at = self.plane.clock.read()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
 
 from proxy.dataplane import recording
 from proxy.dataplane.legs import http1_headers as H
@@ -103,15 +104,29 @@ class H2Responder:
         ]
         head_only = req.method == b"HEAD"
         req.sent = 0 if head_only else len(body)
-        if not self.closed:
-            h2 = self.conn.h2
-            h2.send_headers(self.sid, fields, end_stream=head_only)
+        if self.send_headers(fields, head_only):
             self.fin = head_only
             if not head_only:
                 self.out.append(body)
                 self.out_bytes += len(body)
         self.ending = True
         self.pump()
+
+    def send_headers(self, fields: list[Header], end: bool) -> bool:
+        """A HEADERS frame on this stream; False when the stream is gone (reset by the client in
+        the same read that opened it, say), which then ends like a lost stream."""
+        if self.closed:
+            return False
+        try:
+            self.conn.h2.send_headers(self.sid, fields, end_stream=end)
+        except ProtocolError:
+            self.lost()
+            return False
+        return True
+
+    def lost(self) -> None:
+        """The stream is gone (see :meth:`.h2_stream.H2Stream.lost`)."""
+        raise NotImplementedError
 
     def _our_fields(self, req: Request, upstream_reqid: bool) -> list[Header]:
         fields = []
@@ -136,8 +151,7 @@ class H2Responder:
         self.conn.schedule_flush()
 
     def response_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
-        if not self.closed:
-            self.conn.h2.send_headers(self.sid, [(b":status", b"%d" % status), *response_fields(lines)])
+        self.send_headers([(b":status", b"%d" % status), *response_fields(lines)], False)
 
     def response_head(self, leg: UpstreamLeg, status: int) -> None:
         conn = cast(UpstreamConnection, leg)
@@ -153,7 +167,8 @@ class H2Responder:
         if conn.trailer is not None and conn.chunked:
             fields.append((b"trailer", conn.trailer))
         bodyless = req.method == b"HEAD" or status == 204 or status == 304
-        self.conn.h2.send_headers(self.sid, fields, end_stream=bodyless)
+        if not self.send_headers(fields, bodyless):
+            return
         if bodyless:
             self.ending = self.fin = True
         if not conn.chunked and not conn.has_length and not bodyless:
@@ -207,19 +222,23 @@ class H2Responder:
         h2 = self.conn.h2
         out = self.out
         if out:
-            window = h2.local_flow_control_window(self.sid)
-            frame = h2.max_outbound_frame_size
-            while out and window > 0:
-                chunk = out[0]
-                n = min(window, frame, len(chunk))
-                if n == len(chunk):
-                    out.popleft()
-                else:
-                    out[0] = chunk[n:]
-                    chunk = chunk[:n]
-                h2.send_data(self.sid, chunk)
-                window -= n
-                self.out_bytes -= n
+            try:
+                window = h2.local_flow_control_window(self.sid)
+                frame = h2.max_outbound_frame_size
+                while out and window > 0:
+                    chunk = out[0]
+                    n = min(window, frame, len(chunk))
+                    if n == len(chunk):
+                        out.popleft()
+                    else:
+                        out[0] = chunk[n:]
+                        chunk = chunk[:n]
+                    h2.send_data(self.sid, chunk)
+                    window -= n
+                    self.out_bytes -= n
+            except ProtocolError:
+                self.lost()
+                return
         self.conn.schedule_flush()
         if not out and self.ending:
             self._end()
@@ -247,16 +266,20 @@ class H2Responder:
         h2 = self.conn.h2
         if req is None:
             return
-        if not self.fin:
-            self.fin = True
-            if self.trailers:
-                h2.send_headers(self.sid, self.trailers, end_stream=True)
-            else:
-                h2.end_stream(self.sid)
-        self.trailers = None
-        if not body_sent(req):
-            # Answered before the request body ended: stop the upload (RFC 9113 8.1).
-            h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+        try:
+            if not self.fin:
+                self.fin = True
+                if self.trailers:
+                    h2.send_headers(self.sid, self.trailers, end_stream=True)
+                else:
+                    h2.end_stream(self.sid)
+            self.trailers = None
+            if not body_sent(req):
+                # Answered before the request body ended: stop the upload (RFC 9113 8.1).
+                h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+        except ProtocolError:
+            self.lost()
+            return
         self.conn.schedule_flush()
         self.closed = True
         self.current = None
