@@ -153,6 +153,9 @@ def summary(results: list[ScenarioResult]) -> list[str]:
 # loadtests/mirror_cost.py writes its section between these markers; a bench run keeps it.
 MIRROR_BEGIN = "<!-- mirror-cost:begin -->"
 MIRROR_END = "<!-- mirror-cost:end -->"
+# loadtests/http2.py's section (h2load beside nginx), kept by a bench run too.
+HTTP2_BEGIN = "<!-- http2:begin -->"
+HTTP2_END = "<!-- http2:end -->"
 
 
 def write_results(
@@ -194,6 +197,8 @@ def write_results(
     if MIRROR_BEGIN in old and MIRROR_END in old:
         kept = old.split(MIRROR_BEGIN, 1)[1].split(MIRROR_END, 1)[0]
         parts += ["", MIRROR_BEGIN + kept + MIRROR_END, ""]
+    if HTTP2_BEGIN in old and HTTP2_END in old:
+        parts += ["", old[old.index(HTTP2_BEGIN) : old.index(HTTP2_END) + len(HTTP2_END)], ""]
     # loadtests/fleet.py's "Fleet mode" section is kept too.
     begin, end = "<!-- fleet:begin -->", "<!-- fleet:end -->"
     if begin in old and end in old:

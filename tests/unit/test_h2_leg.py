@@ -246,3 +246,15 @@ def test_drain_sends_goaway_and_refuses_new_streams() -> None:
     frames = bytes(t.written)
     assert frames[3] == 0x3 and int.from_bytes(frames[9:13], "big") == ErrorCodes.REFUSED_STREAM
     assert not conn.streams and not conn.closed  # nothing in flight: the drain closes it next
+
+
+def test_concurrent_streams_key_is_validated_with_its_path() -> None:
+    from proxy.config import parse_config
+    from proxy.config.errors import ConfigError
+
+    base = CONFIG + "limits:\n  http2_max_concurrent_streams: N\n"
+    assert parse_config(base.replace("N", "250")).limits.http2_max_concurrent_streams == 250
+    assert parse_config(CONFIG).limits.http2_max_concurrent_streams == 100
+    with pytest.raises(ConfigError, match=r"limits\.http2_max_concurrent_streams") as exc:
+        parse_config(base.replace("N", "0"))
+    assert "line 11" in str(exc.value), exc.value

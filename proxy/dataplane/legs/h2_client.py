@@ -357,7 +357,11 @@ class H2ClientConnection(asyncio.BufferedProtocol):
         # Close gently: half-close, then read and drop what the client still sends until it closes
         # or LINGER passes. Closing with unread input makes the kernel send a RST, and the client
         # could lose the GOAWAY that says why.
-        t.write_eof()
+        try:
+            t.write_eof()
+        except OSError:  # the client is gone already
+            t.close()
+            return
         self.deadline = self.plane.clock.read() + LINGER
         self.dkind = D_LINGER
 
