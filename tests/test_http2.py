@@ -17,10 +17,10 @@ import httpx
 import pytest
 from aiohttp import web
 from conftest import Upstream, config_text, wait_until
+from support.certs import CA
 from support.h2raw import RawH2
 
 from proxy.control.app import ProxyApp
-from proxy.dataplane.legs.http1_client import ClientConnection
 from proxy.routing.router import BUCKETS, sticky_bucket
 
 StartProxy = Callable[..., Awaitable[ProxyApp]]
@@ -199,36 +199,28 @@ async def test_same_access_log_and_metrics_as_http1(
     assert counts.by_class[2] == 2
 
 
-async def test_tls_alpn_h2_hands_over(
+async def test_tls_listener_negotiates_h2_by_alpn(
     proxy_factory: StartProxy, pair: tuple[Upstream, Upstream], tmp_path: Path
 ) -> None:
-    """ALPN `h2` on a TLS connection of the HTTP/1.1 leg (the listener's TLS is the tls branch's;
-    here a TLS server around the same leg and plane)."""
     stable, canary = pair
-    app = await proxy_factory(config_text(stable.url, canary.url))
-    plane = app.plane
-    assert plane is not None
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    done = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        capture_output=True, check=False,
+    ca = CA(tmp_path / "pki")
+    server = ca.issue("localhost", dns=["localhost"])
+    text = config_text(stable.url, canary.url) + f"tls:\n  cert: {server.cert}\n  key: {server.key}\n"
+    app = await proxy_factory(text)
+    p = port(app)
+    out = await run(
+        str(CURL), "-sS", "--http2", "--cacert", str(ca.cert), "--resolve", f"localhost:{p}:127.0.0.1",
+        "-H", "x-canary: always", "-w", "%{http_version}", f"https://localhost:{p}/tls",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
-    server = await plane.loop.create_server(lambda: ClientConnection(plane), "127.0.0.1", 0, ssl=ctx)
-    try:
-        tls_port = server.sockets[0].getsockname()[1]
-        async with httpx.AsyncClient(http2=True, verify=False) as c:
-            r = await c.get(f"https://127.0.0.1:{tls_port}/tls", headers={"x-canary": "always"})
-            assert (r.status_code, r.http_version, r.text) == (200, "HTTP/2", "canary GET /tls 0\n")
-        async with httpx.AsyncClient(http2=False, verify=False) as c:
-            r = await c.get(f"https://127.0.0.1:{tls_port}/tls1")
-            assert (r.status_code, r.http_version) == (200, "HTTP/1.1")
-    finally:
-        server.close()
+    assert out == "canary GET /tls 0\n2"
+    assert canary.seen[-1]["headers"]["X-Forwarded-Proto"] == "https"
+    ctx = ssl.create_default_context(cafile=str(ca.cert))
+    async with httpx.AsyncClient(http2=True, verify=ctx) as c:
+        r = await c.get(f"https://localhost:{p}/x")
+        assert (r.status_code, r.http_version, r.text) == (200, "HTTP/2", "stable GET /x 0\n")
+    async with httpx.AsyncClient(http2=False, verify=ctx) as c:  # ALPN http/1.1: the HTTP/1.1 leg
+        r = await c.get(f"https://localhost:{p}/y")
+        assert (r.status_code, r.http_version) == (200, "HTTP/1.1")
 
 
 @pytest.mark.skipif(H2LOAD is None, reason="h2load (nghttp2-client) not installed")
