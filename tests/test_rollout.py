@@ -13,13 +13,12 @@ from proxy.analysis.rollout import (
     CommandError,
     RolloutState,
     canary_weight,
-    effective_split,
-    effective_target,
     initial_state,
     on_command,
     on_verdict,
     reconcile,
 )
+from proxy.analysis.splits import effective_split, effective_target
 from proxy.analysis.verdict import Breach, Figures, Healthy, InsufficientData
 from proxy.config.model import Rollout
 

@@ -12,13 +12,12 @@ from proxy.analysis.checks import CheckResult, combine, first_sample, judge_valu
 from proxy.analysis.rollout import (
     RolloutState,
     canary_weight,
-    effective_split,
-    effective_target,
     initial_state,
     ladder_weight,
     on_command,
     on_verdict,
 )
+from proxy.analysis.splits import effective_split, effective_target
 from proxy.analysis.steps import judging, stamp
 from proxy.analysis.verdict import Breach, Figures, Healthy, InsufficientData
 from proxy.config import ConfigError, parse_config

@@ -391,21 +391,4 @@ class RolloutController(RolloutOutputs):
         if new is state:
             return
         self._state = new
-        self._pending.extend(events)
-        if self._pending_handle is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._flush_pending()  # no loop (a synchronous caller): do it now
-                return
-            self._pending_handle = loop.call_soon(self._flush_pending)
-
-    def _flush_pending(self) -> None:
-        self._pending_handle = None
-        events, self._pending = self._pending, []
-        state = self._state
-        if state is None:
-            return
-        self._save(state, latch=True)
-        self._notify(state)
-        self._publish(events)
+        self._deliver_later(events)

@@ -55,6 +55,7 @@ class RolloutOutputs:
     _gates: GateRunner
     _checks: CheckRunner
     _fast_fail: FastFail
+    _pending: list[RolloutEvent]  # a trip's events waiting for the next loop iteration
     _pending_handle: asyncio.Handle | None
 
     def _rollout(self, config: Config | None = None) -> Rollout | None:
@@ -64,8 +65,27 @@ class RolloutOutputs:
     def check_results(self) -> dict[str, CheckResult]:
         raise NotImplementedError
 
+    def _deliver_later(self, events: list[RolloutEvent]) -> None:
+        """A trip swapped the state on the data plane's stack: save, notify and publish it on the
+        next loop iteration (at once when there is no loop: a synchronous caller)."""
+        self._pending.extend(events)
+        if self._pending_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._flush_pending()
+                return
+            self._pending_handle = loop.call_soon(self._flush_pending)
+
     def _flush_pending(self) -> None:
-        raise NotImplementedError
+        self._pending_handle = None
+        events, self._pending = self._pending, []
+        state = self._state
+        if state is None:
+            return
+        self._save(state, latch=True)
+        self._notify(state)
+        self._publish(events)
 
     def durability(self) -> dict[str, Any] | None:
         raise NotImplementedError

@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from proxy.analysis.rollout import RolloutState, effective_split, effective_target
+from proxy.analysis.rollout import RolloutState
+from proxy.analysis.splits import effective_split, effective_target
 from proxy.analysis.stats import RouteCounts, Stats, UpstreamStats
 from proxy.analysis.verdict import error_status_table
 from proxy.config.model import Config, CookieIssue, Match, Route, StringMatch
