@@ -60,7 +60,8 @@ lint: setup
 test: system-deps setup redbot lint
 	CANARY_PROXY_REQUIRE_NATIVE=$$(command -v gcc >/dev/null && echo 1) $(VENV)/bin/pytest -q -p no:cacheprovider
 	CANARY_PROXY_PURE=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/unit tests/test_http_*.py tests/test_hardening_smuggling.py \
-		tests/test_hardening_headers.py tests/test_hardening_limits.py tests/test_hardening_upstreams.py tests/test_native.py
+		tests/test_hardening_headers.py tests/test_hardening_limits.py tests/test_hardening_upstreams.py tests/test_native.py \
+		tests/test_layout_path.py
 
 # Full comparison with nginx: 3 rounds x 10 s per scenario, 1 GiB transfers, 10k idle connections.
 bench: setup system-deps

@@ -320,7 +320,8 @@ class ClientConnection(ClientResponder):
         else:
             self.dkind = D_NONE
         if self.current is None:
-            self.start(req)
+            self.current = req
+            exchange.begin(plane, self, req)  # the exchange takes it from here
         else:
             self.queue.append(req)
             self.pause_reading_for(P_PIPELINE)

@@ -1,4 +1,5 @@
-"""Client leg, the byte layer: the transport, write batching, backpressure and closing.
+"""Client leg, the byte layer: the transport, write batching, backpressure and closing, and the
+binding of the upstream connection the exchange hands over (whose reads backpressure governs).
 
 Response bytes produced while a read is handled are collected and written in one call at the end
 (of the read, or of the loop iteration for small reads); request bytes for the upstream likewise.
@@ -11,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from proxy.dataplane.legs.base import P_CONNECT, ClientLeg, UpstreamLeg
 from proxy.dataplane.legs.http1_buffers import read_view
 from proxy.dataplane.legs.http1_upstream import UpstreamConnection
 from proxy.dataplane.request import Request
@@ -81,6 +83,22 @@ class ClientIO(asyncio.BufferedProtocol):
         # knowledge); `first` holds a read too short to tell (at most 23 bytes).
         self.fresh = True
         self.first = b""
+
+    def upstream_ready(self, leg: UpstreamLeg) -> None:
+        """The exchange hands over an upstream connection: bind it (reading it waits while this
+        client cannot take more) and have the upstream leg send the request."""
+        conn = cast(UpstreamConnection, leg)
+        req = self.current
+        t = conn.transport
+        if req is None or self.closed or t is None:
+            return
+        self.upstream = conn
+        conn.client = cast(ClientLeg, self)  # this object is a whole client leg (http1_respond's subclass)
+        if self.write_blocked_at:
+            t.pause_reading()  # the client still cannot take more: resume_writing() lets this one in
+        req.attempts += 1
+        conn.send_request(req)
+        self.resume_reading_for(P_CONNECT)
 
     def pause_writing(self) -> None:
         self.write_blocked_at = self.plane.clock.read()

@@ -1,5 +1,5 @@
-"""Client leg, the exchange side: hand the request to the exchange, write it to the upstream
-connection it gets, stream the response back with the right framing, answer errors, tunnel.
+"""Client leg, the response side: stream the upstream's response back with the right framing,
+return the connection to its pool, answer errors, tunnel; then the next pipelined request.
 
 The decisions (routing, retries, failures, recording) are the exchange's
 (:mod:`proxy.dataplane.exchange`); this class only turns them into HTTP/1.1 on the client's
@@ -39,21 +39,6 @@ class ClientResponder(ClientIO):
         """Begin proxying `req` (its head is parsed; its body may still be arriving)."""
         self.current = req
         exchange.begin(self.plane, self, req)
-
-    def upstream_ready(self, leg: UpstreamLeg) -> None:
-        """An upstream connection is ours: send the head and whatever body is buffered."""
-        conn = cast(UpstreamConnection, leg)
-        req = self.current
-        t = conn.transport
-        if req is None or self.closed or t is None:
-            return
-        self.upstream = conn
-        conn.client = self
-        if self.write_blocked_at:
-            t.pause_reading()  # the client still cannot take more: resume_writing() lets this one in
-        req.attempts += 1
-        conn.send_request(req)
-        self.resume_reading_for(P_CONNECT)
 
     def response_interim(self, status: int, reason: bytes, lines: list[bytes]) -> None:
         req = self.current
