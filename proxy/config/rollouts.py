@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from yaml.nodes import MappingNode, ScalarNode
 
@@ -16,6 +17,8 @@ from proxy.config.model import Check, Gate, Rollout, Step, Webhook
 from proxy.config.units import fmt_number, parse_webhook
 from proxy.config.yamlnodes import Reader
 from proxy.config.yamltree import Readers, Value
+
+T = TypeVar("T")
 
 STEP_KINDS = ("weight", "pause", "gate", "analysis")
 EVENT_KINDS = ("step", "promoted", "rollback", "paused", "resumed", "reset", "stalled")  # what webhooks get
@@ -164,40 +167,52 @@ class RolloutKeys:
 
     # -- checks and webhooks ----------------------------------------------------------------------
 
+    def _records(
+        self,
+        v: Value,
+        cls: Callable[..., T],
+        readers: Readers,
+        required: tuple[str, ...],
+        vet: Callable[[Value, T], T | None],
+    ) -> tuple[T, ...] | None:
+        """A list of records; `vet` checks each read one further (None: refused, error recorded)."""
+        out: list[T] = []
+        items = self.r.sequence(v) or []
+        for item in items:
+            rec = self.r.record(item, cls, readers, required=required)
+            if rec is not None:
+                rec = vet(item, rec)
+            if rec is not None:
+                out.append(rec)
+        return tuple(out) if len(out) == len(items) else None
+
     def checks(self, v: Value) -> tuple[Check, ...] | None:
         r = self.r
-        out: list[Check] = []
         names: set[str] = set()
-        items = r.sequence(v) or []
-        for item in items:
-            check = r.record(
-                item,
-                Check,
-                {
-                    "name": r.string,
-                    "prometheus": self.url,
-                    "query": self.query,
-                    "max": r.number,
-                    "min": r.number,
-                    "timeout": r.duration,
-                    "failure_limit": lambda x: r.integer(x, lo=0),
-                },
-                required=("name", "prometheus", "query"),
-            )
-            if check is None:
-                continue
+
+        def vet(item: Value, check: Check) -> Check | None:
             if check.max is None and check.min is None:
                 r.error(item, 'set "max" or "min" (or both)')
-                continue
+                return None
             if check.max is not None and check.min is not None and check.min > check.max:
                 r.error(item, f"min ({fmt_number(check.min)}) must not exceed max ({fmt_number(check.max)})")
-                continue
+                return None
             if check.name in names:
                 r.error(r.entries(item)["name"], f'duplicate check name "{check.name}"')
-                continue
+                return None
             names.add(check.name)
-            out.append(check)
-        return tuple(out) if len(out) == len(items) else None
+            return check
+
+        readers: Readers = {
+            "name": r.string,
+            "prometheus": self.url,
+            "query": self.query,
+            "max": r.number,
+            "min": r.number,
+            "timeout": r.duration,
+            "failure_limit": lambda x: r.integer(x, lo=0),
+        }
+        return self._records(v, Check, readers, ("name", "prometheus", "query"), vet)
 
     def query(self, v: Value) -> str | None:
         # PromQL has braces of its own, so placeholders are plain text substitutions (see checks.py).
@@ -205,29 +220,22 @@ class RolloutKeys:
 
     def webhooks(self, v: Value) -> tuple[Webhook, ...] | None:
         r = self.r
-        out: list[Webhook] = []
-        items = r.sequence(v) or []
-        for item in items:
-            hook = r.record(
-                item,
-                Webhook,
-                {
-                    "url": self.url,
-                    "events": self.events,
-                    "format": lambda x: self.choice(x, ("json", "slack")),
-                    "secret_file": r.string,
-                },
-                required=("url",),
-            )
-            if hook is None:
-                continue
-            if hook.secret_file is not None:
-                secret = self.secret(r.entries(item)["secret_file"], hook.secret_file)
-                if secret is None:
-                    continue
-                hook = Webhook(hook.url, hook.events, hook.format, secret, hook.secret_file)
-            out.append(hook)
-        return tuple(out) if len(out) == len(items) else None
+
+        def vet(item: Value, hook: Webhook) -> Webhook | None:
+            if hook.secret_file is None:
+                return hook
+            secret = self.secret(r.entries(item)["secret_file"], hook.secret_file)
+            if secret is None:
+                return None
+            return Webhook(hook.url, hook.events, hook.format, secret, hook.secret_file)
+
+        readers: Readers = {
+            "url": self.url,
+            "events": self.events,
+            "format": lambda x: self.choice(x, ("json", "slack")),
+            "secret_file": r.string,
+        }
+        return self._records(v, Webhook, readers, ("url",), vet)
 
     def events(self, v: Value) -> tuple[str, ...] | None:
         r = self.r

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from proxy.config.fleet import redact
 from proxy.config.model import Config, Match, Rollout, Route, StringMatch
 from proxy.config.units import fmt_duration, fmt_number, fmt_size
@@ -98,19 +100,16 @@ def _step(r: Rollout, i: int) -> str:
 def _rollout(r: Rollout) -> list[str]:
     steps = " -> ".join(_step(r, i) for i in range(len(r.steps))) or "none"
     t = r.thresholds
-    checks = []
-    if t.max_error_rate is not None:
-        checks.append(f"error rate > {fmt_number(t.max_error_rate * 100)}%")
-    if t.max_error_rate_increase is not None:
-        checks.append(f"error rate > baseline + {fmt_number(t.max_error_rate_increase * 100)} pts")
-    if t.max_error_rate_ratio is not None:
-        checks.append(f"error rate > {fmt_number(t.max_error_rate_ratio)}x baseline")
-    if t.max_p99 is not None:
-        checks.append(f"p99 > {fmt_duration(t.max_p99)}")
-    if t.max_p99_ratio is not None:
-        checks.append(f"p99 > {fmt_number(t.max_p99_ratio)}x baseline")
-    if t.max_median_ratio is not None:
-        checks.append(f"latency > {fmt_number(t.max_median_ratio)}x baseline (Mann-Whitney)")
+    # Each configured threshold as "what rolls back": (value or None, how it reads).
+    limits: list[tuple[float | None, Callable[[float], str]]] = [
+        (t.max_error_rate, lambda x: f"error rate > {fmt_number(x * 100)}%"),
+        (t.max_error_rate_increase, lambda x: f"error rate > baseline + {fmt_number(x * 100)} pts"),
+        (t.max_error_rate_ratio, lambda x: f"error rate > {fmt_number(x)}x baseline"),
+        (t.max_p99, lambda x: f"p99 > {fmt_duration(x)}"),
+        (t.max_p99_ratio, lambda x: f"p99 > {fmt_number(x)}x baseline"),
+        (t.max_median_ratio, lambda x: f"latency > {fmt_number(x)}x baseline (Mann-Whitney)"),
+    ]
+    checks = [say(x) for x, say in limits if x is not None]
     if r.fast_fail.consecutive_errors:
         checks.append(f"{r.fast_fail.consecutive_errors} consecutive errors")
     named = f' "{r.name}"' if r.name != "default" else ""

@@ -266,27 +266,13 @@ class Reader:
 
     def duration(self, v: Value, *, allow_zero: bool = False) -> float | None:
         """Seconds from "500ms" / "2s" / "1m" / a bare number; > 0 (or >= 0 with allow_zero)."""
-        box = self.scalar(v, "a duration")
-        if box is None:
-            return None
-        try:
-            seconds = parse_duration(box[0])
-        except ValueError as e:
-            self.error(v, str(e))
-            return None
-        return seconds if self._in_range(v, seconds, 0, None, not allow_zero) else None
+        seconds = self.convert(v, parse_duration, expected="a duration")
+        return seconds if seconds is not None and self._in_range(v, seconds, 0, None, not allow_zero) else None
 
     def size(self, v: Value, *, lo: int = 0) -> int | None:
         """Bytes from an int or "32KiB" / "10MiB" / "8k" (k = 1024)."""
-        box = self.scalar(v, "a size")
-        if box is None:
-            return None
-        try:
-            size = parse_size(box[0])
-        except ValueError as e:
-            self.error(v, str(e))
-            return None
-        return size if self._in_range(v, size, lo, None) else None
+        size = self.convert(v, parse_size, expected="a size")
+        return size if size is not None and self._in_range(v, size, lo, None) else None
 
     def _in_range(
         self,

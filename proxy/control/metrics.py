@@ -63,8 +63,7 @@ class ProxyCollector:
         yield _durations(stats.upstreams)
         yield _errors(stats.upstreams)
         yield from mirror_families(stats)
-        yield _weights(app)
-        yield _ejected(app)
+        yield from _plane_gauges(app)
         yield from _rollout(app)
         yield from _durability(app, stats)
         yield _tls_handshakes(app, stats)
@@ -170,33 +169,6 @@ def _errors(upstreams: dict[str, UpstreamStats]) -> CounterMetricFamily:
     for name, us in sorted(upstreams.items()):
         for kind, count in zip(ERROR_KINDS, us.errors, strict=True):
             family.add_metric([name, kind], count)
-    return family
-
-
-def _weights(app: AppView) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(
-        "canary_proxy_upstream_weight",
-        "Percent of a route's traffic an upstream gets now, rollout applied (a `to` route: 100).",
-        labels=["route", "upstream"],
-    )
-    plane = app.plane
-    if plane is None:
-        return family
-    snap = plane.snapshot
-    configured = {r.name: r.to for r in snap.config.routes}
-    for route, to, split in snap.effective:
-        if to is not None:
-            family.add_metric([route, to], 100.0)
-            wanted = configured.get(route)
-            if wanted is not None and wanted != to:
-                # e.g. `to: canary` after a rollback: show the canary at 0 rather than dropping it
-                family.add_metric([route, wanted], 0.0)
-        elif split is not None:
-            seen: set[str] = set()
-            for upstream, weight in split:
-                if upstream not in seen:  # a name twice in a split: the first entry carries it
-                    seen.add(upstream)
-                    family.add_metric([route, upstream], weight)
     return family
 
 
@@ -311,18 +283,39 @@ def current_state(app: AppView) -> RolloutState | None:
     return None
 
 
-def _ejected(app: AppView) -> GaugeMetricFamily:
-    """Which endpoints outlier detection has ejected right now (endpoints come from config)."""
-    family = GaugeMetricFamily(
+def _plane_gauges(app: AppView) -> Iterator[GaugeMetricFamily]:
+    """What the data plane routes to right now: each upstream's weight per route (rollout applied;
+    a `to` route: 100), and which endpoints outlier detection has ejected (endpoints from config)."""
+    weights = GaugeMetricFamily(
+        "canary_proxy_upstream_weight",
+        "Percent of a route's traffic an upstream gets now, rollout applied (a `to` route: 100).",
+        labels=["route", "upstream"],
+    )
+    ejected = GaugeMetricFamily(
         "canary_proxy_endpoint_ejected",
         "1 while outlier detection has ejected the endpoint, else 0.",
         labels=["upstream", "endpoint"],
     )
     plane = app.plane
-    if plane is None:
-        return family
-    now = plane.clock.read()
-    for name, target in plane.snapshot.upstreams.items():
-        for pool in target.balancer.pools:
-            family.add_metric([name, pool.endpoint.key], 1.0 if pool.ejected_until > now else 0.0)
-    return family
+    if plane is not None:
+        snap = plane.snapshot
+        configured = {r.name: r.to for r in snap.config.routes}
+        for route, to, split in snap.effective:
+            if to is not None:
+                weights.add_metric([route, to], 100.0)
+                wanted = configured.get(route)
+                if wanted is not None and wanted != to:
+                    # e.g. `to: canary` after a rollback: show the canary at 0 rather than dropping it
+                    weights.add_metric([route, wanted], 0.0)
+            elif split is not None:
+                seen: set[str] = set()
+                for upstream, weight in split:
+                    if upstream not in seen:  # a name twice in a split: the first entry carries it
+                        seen.add(upstream)
+                        weights.add_metric([route, upstream], weight)
+        now = plane.clock.read()
+        for name, target in snap.upstreams.items():
+            for pool in target.balancer.pools:
+                ejected.add_metric([name, pool.endpoint.key], 1.0 if pool.ejected_until > now else 0.0)
+    yield weights
+    yield ejected

@@ -120,19 +120,20 @@ class _MirrorConnection(asyncio.Protocol):
     def usable(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+    def close(self, reset: bool = False) -> None:
+        """Close the connection (`reset`: at once, dropping what is unsent)."""
+        t = self.transport
+        if t is not None:
+            if reset:
+                t.abort()
+            else:
+                t.close()
 
     def timed_out(self) -> None:
         """The copy took longer than timeouts.response: give up (no second try), count no response."""
         if self.exchange is not None:
             self.exchange.retry = False
-        self.abort()
+        self.close(reset=True)
 
 
 class Mirrors:
@@ -295,7 +296,7 @@ class Mirrors:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for conn in list(self.busy):
-            conn.abort()  # its copy is recorded as failed by connection_lost
+            conn.close(reset=True)  # its copy is recorded as failed by connection_lost
         for idle in self.idle.values():
             for conn in idle:
                 conn.close()

@@ -64,30 +64,14 @@ STATUS_PREFIX: Final[dict[int, bytes]] = {code: b"HTTP/1.1 %d " % code for code 
 # Larger than any real body, and past what int64 or float-based upstreams parse exactly.
 MAX_CONTENT_LENGTH: Final = 1 << 53
 
-# Response header names the upstream leg treats specially.
-R_HOP: Final = 1
-R_CONNECTION: Final = 2
-R_TE: Final = 3
-R_CL: Final = 4
-R_UPGRADE: Final = 5
-R_REQID: Final = 6
-R_TRAILER: Final = 7
-
+# Response header names the upstream leg treats specially: the request's hop-by-hop and framing
+# names, with the same kind codes; routing and forwarding names are plain in a response.
+_RESPONSE_KINDS = frozenset({H_HOP, H_CONNECTION, H_TE, H_CL, H_UPGRADE, H_REQID, H_TRAILER})
 RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
-    b"connection": R_CONNECTION,
-    b"keep-alive": R_HOP,
-    b"proxy-connection": R_HOP,
-    b"te": R_HOP,
-    b"trailer": R_TRAILER,
-    b"proxy-authenticate": R_HOP,
-    b"proxy-authorization": R_HOP,
-    b"transfer-encoding": R_TE,
-    b"content-length": R_CL,
-    b"upgrade": R_UPGRADE,
-    b"x-request-id": R_REQID,
+    name: kind
+    for name, kind in REQUEST_SPECIAL.items()
+    if kind in _RESPONSE_KINDS and name != b"http2-settings"  # a request-only header
 }
-
-R_PLAIN: Final = 0
 
 
 def _spellings(name: bytes) -> tuple[bytes, ...]:
@@ -117,7 +101,7 @@ REQUEST_EXACT: Final[dict[bytes, tuple[int, bytes]]] = {
 }
 RESPONSE_EXACT: Final[dict[bytes, int]] = {
     spelled: kind
-    for lname, kind in [*[(n, R_PLAIN) for n in _COMMON_RESPONSE], *RESPONSE_SPECIAL.items()]
+    for lname, kind in [*[(n, H_PLAIN) for n in _COMMON_RESPONSE], *RESPONSE_SPECIAL.items()]
     for spelled in _spellings(lname)
 }
 

@@ -16,13 +16,13 @@ from proxy.dataplane.legs.base import P_UPLOAD, ClientLeg
 from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW, read_view
 from proxy.dataplane.legs.http1_headers import (
     CONNECTION_OPTIONS,
-    R_CL,
-    R_CONNECTION,
-    R_PLAIN,
-    R_REQID,
-    R_TE,
-    R_TRAILER,
-    R_UPGRADE,
+    H_CL,
+    H_CONNECTION,
+    H_PLAIN,
+    H_REQID,
+    H_TE,
+    H_TRAILER,
+    H_UPGRADE,
     RESPONSE_EXACT,
     RESPONSE_SPECIAL,
     connection_tokens,
@@ -204,29 +204,29 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             return
         kind = RESPONSE_EXACT.get(name)
         if kind is None:
-            kind = RESPONSE_SPECIAL.get(name.lower(), R_PLAIN)
-        if kind == R_PLAIN:
+            kind = RESPONSE_SPECIAL.get(name.lower(), H_PLAIN)
+        if kind == H_PLAIN:
             self.lines.append(name + b": " + value + b"\r\n")
             return
-        if kind == R_CL:
+        if kind == H_CL:
             self.has_length = True
             self.lines.append(b"Content-Length: " + value + b"\r\n")
-        elif kind == R_TE:
+        elif kind == H_TE:
             if self.chunked or value.strip().lower() != b"chunked":
                 raise ValueError("unsupported or repeated Transfer-Encoding")  # -> protocol error, 502
             self.chunked = True
-        elif kind == R_CONNECTION:
+        elif kind == H_CONNECTION:
             simple = _SIMPLE_CONNECTION.get(value)  # "keep-alive" / "close": nearly every response
             tokens = [simple] if simple is not None else connection_tokens(value)
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
-        elif kind == R_UPGRADE:
+        elif kind == H_UPGRADE:
             self.upgrade = value
-        elif kind == R_REQID:
+        elif kind == H_REQID:
             self.has_reqid = True
             self.lines.append(name + b": " + value + b"\r\n")
-        elif kind == R_TRAILER:
+        elif kind == H_TRAILER:
             self.trailer = value if self.trailer is None else self.trailer + b", " + value
-        # R_HOP: dropped
+        # H_HOP: dropped
 
     def _trailer(self, name: bytes, value: bytes) -> None:
         """A trailer after a chunked body: relayed when the client leg is chunked too (framing and
