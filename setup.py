@@ -60,11 +60,12 @@ def _why_pure() -> str | None:
 
 def _ext_modules(work: str) -> list[object]:
     why = _why_pure()
+    if why == "metadata only":  # pip asks for requirements and metadata before it builds the wheel
+        return []
     if why is not None:
         if _flag("CANARY_PROXY_REQUIRE_NATIVE"):
             raise SystemExit(f"canary-proxy: cannot compile the hot path: {why}")
-        if why != "metadata only":
-            print(f"canary-proxy: building pure Python ({why})", file=sys.stderr)
+        print(f"canary-proxy: building pure Python ({why})", file=sys.stderr)
         return []
     from mypyc.build import mypycify
 

@@ -105,22 +105,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(samples: dict[str, list[tuple[float, float]]], opts: argparse.Namespace) -> str:
-    """Markdown table: medians, and per-round ratios to nginx (median of the rounds)."""
+    """Markdown table: medians, and per-round ratios to nginx and to the first build (each the
+    median of the rounds' ratios: both sides of a ratio ran in the same round)."""
     ref = samples["nginx"]
+    first = next(k for k in samples if k != "nginx")  # the A of the A/B
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     log = "off" if opts.no_access_log else "on (to a file)"
     lines = [
         f"{when}; {opts.rounds} rounds x {opts.duration:.0f} s, access log {log}, 64 connections, small responses",
         "",
-        "| build | req/s | req per CPU-s | req/s vs nginx | req per CPU-s vs nginx |",
-        "|---|---|---|---|---|",
+        f"| build | req/s | req per CPU-s | req/s vs nginx | req per CPU-s vs nginx | req per CPU-s vs {first} |",
+        "|---|---|---|---|---|---|",
     ]
     for label, vals in samples.items():
         rps = statistics.median(v[0] for v in vals)
         per_cpu = statistics.median(v[1] for v in vals)
         r_rps = statistics.median(v[0] / n[0] for v, n in zip(vals, ref, strict=True))
         r_cpu = statistics.median(v[1] / n[1] for v, n in zip(vals, ref, strict=True))
-        lines.append(f"| {label} | {rps:,.0f} | {per_cpu:,.0f} | {r_rps:.2f}x | {r_cpu:.2f}x |")
+        r_first = statistics.median(v[1] / a[1] for v, a in zip(vals, samples[first], strict=True))
+        lines.append(f"| {label} | {rps:,.0f} | {per_cpu:,.0f} | {r_rps:.2f}x | {r_cpu:.2f}x | {r_first:.2f}x |")
     return "\n".join(lines)
 
 

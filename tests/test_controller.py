@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from support.polling import wait_until
 
 from proxy.analysis.controller import RolloutController
 from proxy.analysis.rollout import CommandError, RolloutState
@@ -321,10 +322,7 @@ async def test_run_loop_evaluates_on_its_tick(tmp_path: Path) -> None:
     h = Harness(make_config(tmp_path), tick=0.01)
     task = asyncio.create_task(h.ctl.run())
     try:
-        for _ in range(500):
-            if h.ctl.last_verdict is not None:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: h.ctl.last_verdict is not None, 5.0, "the first tick's verdict")
         assert h.ctl.last_verdict is not None and h.ctl.last_verdict.kind == "insufficient_data"
     finally:
         task.cancel()
@@ -403,7 +401,7 @@ async def test_webhook_gives_up_after_the_attempts(caplog: pytest.LogCaptureFixt
 async def test_webhook_connection_refused_then_close_is_clean() -> None:
     sender = WebhookSender("http://127.0.0.1:9/hook", attempts=100, base_delay=0.01)
     sender.send({"event": "rollback"})
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # scenario: close while it is busy retrying (every 10 ms, refused)
     await sender.close()  # cancels the retrying worker
     sender.send({"event": "ignored after close"})
     assert sender.pending == 1  # the undelivered first event; nothing new queued

@@ -80,7 +80,7 @@ async def test_redis_outage_under_load(
     traffic = Traffic([pp.port for pp in procs], rate=80)
     traffic.start()
     try:
-        await asyncio.sleep(0.5)
+        await poll(lambda: sum(traffic.statuses.values()) >= 20, 10, "traffic flowing")
         redis_server.kill()
         await poll(lambda: all(metric(pp, "canary_proxy_fleet_connected") == 0.0 for pp in procs), 10, "disconnected")
         before = sum(traffic.statuses.values())

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from conftest import ProxyProcess, Upstream, config_text, wait_running
+from support.polling import holds, wait_for, wait_until, wait_until_sync
 
 from proxy.analysis.rollout import RolloutState
 from proxy.analysis.statefile import save_state
@@ -43,15 +44,6 @@ def routes_to(target: str | None) -> str:
 def text_for(stable: Upstream, canary: Upstream, target: str | None, rev: int = 0, extra: str = "") -> str:
     # The revision comment makes every write a real change of the file's bytes.
     return config_text(stable.url, canary.url, extra, routes_to(target)) + f"# rev {rev}\n"
-
-
-async def eventually(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `pred` until it holds; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def data_url(app: ProxyApp, path: str = "/") -> str:
@@ -175,7 +167,7 @@ async def test_100_rewrites_under_load(
         def served_since(t: float, n: int = 2 * CLIENTS) -> Callable[[], bool]:
             return lambda: sum(1 for h in hits[-4 * n :] if h.start > t) >= n
 
-        await eventually(served_since(since), 5.0, "the clients to get going")
+        await wait_until(served_since(since), 5.0, "the clients to get going")
         for i in range(100):
             mode = MODES[i % len(MODES)]
             valid = i % 5 != 3  # 20 invalid files; the last write is valid
@@ -191,16 +183,16 @@ async def test_100_rewrites_under_load(
                     return any(h.start > w and h.who == t for h in hits[n:])
 
                 # The target is 1 s; the hard bound leaves room for a loaded CI machine (checked below).
-                await eventually(followed, 3.0, f"write {i} ({mode}) to route everything to {target}")
+                await wait_until(followed, 3.0, f"write {i} ({mode}) to route everything to {target}")
                 switched_at = since = next(h.end for h in hits[seen:] if h.start > written_at and h.who == target)
                 lags.append(switched_at - written_at)
                 expected = target
             else:
-                await eventually(
+                await wait_until(
                     lambda f=failures: app.stats.reloads["failure"] > f, 2.0, f"invalid write {i} ({mode}) refused"
                 )
                 since = time.monotonic()
-            await eventually(served_since(since), 2.0, "traffic on the current config")
+            await wait_until(served_since(since), 2.0, "traffic on the current config")
         periods.append((switched_at, time.monotonic(), expected))
         # The clients' keep-alive connections lived through every reload: still the first four.
         served = sorted(c.served for c in app.plane.clients)
@@ -247,7 +239,7 @@ async def test_cp_over_editor_rename_and_atomic_rename_are_seen(
                 out.append(await who(s, data_url(app)))
                 return out[-1] == t
 
-            await _eventually_async(follows, 2.0, f"{mode} save to take effect")
+            await wait_for(follows, 2.0, f"{mode} save to take effect")
             assert app.config.source_hash == _hash_of(cdir.path)
     assert app.stats.reloads == {"success": 4, "failure": 0}
 
@@ -264,7 +256,7 @@ async def test_kubernetes_configmap_symlink_swap(
     async with aiohttp.ClientSession() as s:
         for rev, target in enumerate(["canary", "stable", "canary"], 1):
             cdir.k8s(text_for(stable, canary, target, rev))
-            await eventually(lambda r=rev: app.stats.reloads["success"] == r, 2.0, f"swap {rev} to reload")
+            await wait_until(lambda r=rev: app.stats.reloads["success"] == r, 2.0, f"swap {rev} to reload")
             assert await who(s, data_url(app)) == target
     # The watched path never changed: only the `..data` link did.
     assert os.readlink(cdir.path) == "..data/canary.yaml"
@@ -281,7 +273,7 @@ async def test_invalid_file_keeps_old_config_until_a_good_one(
     async with aiohttp.ClientSession() as s:
         assert _reload_count(await _text(s, admin_url(app, "/metrics")), "failure") == 0
         cdir.rename(text_for(stable, canary, None, rev=1))
-        await eventually(lambda: app.stats.reloads["failure"] == 1, 2.0, "the bad file to be refused")
+        await wait_until(lambda: app.stats.reloads["failure"] == 1, 2.0, "the bad file to be refused")
 
         assert _reload_count(await _text(s, admin_url(app, "/metrics")), "failure") == 1
         async with s.get(admin_url(app, "/status")) as r:
@@ -293,7 +285,7 @@ async def test_invalid_file_keeps_old_config_until_a_good_one(
         assert [await who(s, data_url(app)) for _ in range(5)] == ["stable"] * 5
 
         cdir.rename(text_for(stable, canary, "canary", rev=2))
-        await eventually(lambda: app.stats.reloads["success"] == 1, 2.0, "the good file to load")
+        await wait_until(lambda: app.stats.reloads["success"] == 1, 2.0, "the good file to load")
         async with s.get(admin_url(app, "/status")) as r:
             doc = await r.json()
         assert doc["config"]["last_error"] is None and doc["config"]["last_error_at"] is None
@@ -331,10 +323,11 @@ async def test_sighup_reloads_without_a_watcher(proxy_factory: StartProxy, upstr
     app.install_signals()
     try:
         async with aiohttp.ClientSession() as s:
-            await asyncio.sleep(0.3)  # nothing watches the file: the change alone does nothing
-            assert await who(s, data_url(app)) == "stable" and app.stats.reloads["success"] == 0
+            # Nothing watches the file: the change alone does nothing.
+            await holds(lambda: app.stats.reloads["success"] == 0, 0.3, "no reload without a watcher")
+            assert await who(s, data_url(app)) == "stable"
             os.kill(os.getpid(), signal.SIGHUP)
-            await eventually(lambda: app.stats.reloads["success"] == 1, 2.0, "SIGHUP to reload")
+            await wait_until(lambda: app.stats.reloads["success"] == 1, 2.0, "SIGHUP to reload")
             assert await who(s, data_url(app)) == "canary"
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -345,10 +338,7 @@ def test_sighup_reloads_a_running_process(proxy_process: Callable[..., ProxyProc
     pp = proxy_process(config_text("http://127.0.0.1:9", "http://127.0.0.1:9"))
     wait_running(pp)
     pp.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5.0
-    while not any("config reloaded (SIGHUP)" in line for line in pp.lines):
-        assert time.monotonic() < deadline, "no SIGHUP reload:\n" + "".join(pp.lines)
-        time.sleep(0.02)
+    wait_until_sync(lambda: any("config reloaded (SIGHUP)" in line for line in pp.lines), 5.0, "a SIGHUP reload")
     assert pp.proc.poll() is None  # SIGHUP's default action would have killed it
 
 
@@ -387,7 +377,7 @@ async def test_removed_endpoint_is_retired_unchanged_endpoint_keeps_its_connecti
         stable_pool = app.plane.pools.pools[f"127.0.0.1:{stable.port}"]
         # One request holds a canary connection; another opens a second one that goes idle.
         slow = asyncio.create_task(_get(s, data_url(app, "/slow"), headers=beta))
-        await eventually(lambda: bool(canary.seen) and canary.seen[-1]["path"] == "/slow", 5.0, "slow request")
+        await wait_until(lambda: bool(canary.seen) and canary.seen[-1]["path"] == "/slow", 5.0, "slow request")
         assert await who(s, data_url(app), headers=beta) == "canary"
         assert len(transports["canary"]) == 2 and len(transports["stable"]) == 1
         busy, idle = transports["canary"]
@@ -395,14 +385,14 @@ async def test_removed_endpoint_is_retired_unchanged_endpoint_keeps_its_connecti
         Path(app.config.source_path).write_text(config_text(stable.url, canary2.url, routes=routes))
         ok, _ = await app.reload("test")
         assert ok
-        await eventually(idle.is_closing, 2.0, "the removed endpoint's idle connection to close")
+        await wait_until(idle.is_closing, 2.0, "the removed endpoint's idle connection to close")
         assert not busy.is_closing()  # in flight: it finishes first
         assert await who(s, data_url(app), headers=beta) == "canary2"
 
         gate.set()
         status, body = await slow
         assert status == 200 and body == "canary /slow " + "x" * 10_000
-        await eventually(busy.is_closing, 2.0, "the removed endpoint's busy connection to close after use")
+        await wait_until(busy.is_closing, 2.0, "the removed endpoint's busy connection to close after use")
 
         for _ in range(3):
             assert await who(s, data_url(app)) == "stable"
@@ -427,7 +417,7 @@ async def test_in_flight_request_finishes_on_its_snapshot(
     app = await proxy_factory(text_for(stable, canary, "stable"))
     async with aiohttp.ClientSession() as s:
         pending = asyncio.create_task(_get(s, data_url(app)))
-        await eventually(lambda: bool(stable.seen), 5.0, "the request to reach stable")
+        await wait_until(lambda: bool(stable.seen), 5.0, "the request to reach stable")
         Path(app.config.source_path).write_text(text_for(stable, canary, "canary", rev=1))
         assert (await app.reload("test"))[0]
         assert await who(s, data_url(app)) == "canary"
@@ -498,14 +488,6 @@ async def test_rollout_step_and_latch_survive_reload_unless_version_changes(
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-async def _eventually_async(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def _get(s: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, str]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
 from conftest import ProxyProcess, Upstream, config_text, wait_running
+from support.polling import wait_for
 
 StartUpstream = Callable[..., Awaitable[Upstream]]
 StartProcess = Callable[..., ProxyProcess]
@@ -71,21 +71,13 @@ def start_proxy(proxy_process: StartProcess, up: Upstream, grace: str | None) ->
     return pp
 
 
-async def eventually(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 async def exit_code(pp: ProxyProcess, timeout: float) -> int:
     """Wait (without blocking the loop the upstreams run on) for the process to exit."""
 
     async def gone() -> bool:
         return pp.proc.poll() is not None
 
-    await eventually(gone, timeout, "the proxy to exit:\n" + "".join(pp.lines[-20:]))
+    await wait_for(gone, timeout, "the proxy to exit:\n" + "".join(pp.lines[-20:]))
     return pp.proc.returncode
 
 
@@ -130,7 +122,7 @@ async def test_sigterm_drains_200_in_flight_requests(proxy_process: StartProcess
         async def all_arrived() -> bool:
             return h.arrived == IN_FLIGHT
 
-        await eventually(all_arrived, 15.0, f"{IN_FLIGHT} requests to reach the upstream")
+        await wait_for(all_arrived, 15.0, f"{IN_FLIGHT} requests to reach the upstream")
         assert await readyz(s, pp) == 200
         pp.proc.send_signal(signal.SIGTERM)
 
@@ -140,8 +132,8 @@ async def test_sigterm_drains_200_in_flight_requests(proxy_process: StartProcess
         async def refusing() -> bool:
             return await refused(pp.port)
 
-        await eventually(not_ready, 5.0, "/readyz to turn 503")
-        await eventually(refusing, 5.0, "new connections to be refused")
+        await wait_for(not_ready, 5.0, "/readyz to turn 503")
+        await wait_for(refusing, 5.0, "new connections to be refused")
         assert await asyncio.wait_for(reader.read(), 5.0) == b""  # idle keep-alive: closed, no bytes
         assert pp.proc.poll() is None and not any(r.done() for r in requests)
 
@@ -167,9 +159,9 @@ async def test_second_signal_exits_at_once(proxy_process: StartProcess, held: tu
         async def draining() -> bool:
             return await readyz(s, pp) == 503
 
-        await eventually(arrived, 5.0, "the request to reach the upstream")
+        await wait_for(arrived, 5.0, "the request to reach the upstream")
         pp.proc.send_signal(signal.SIGTERM)
-        await eventually(draining, 5.0, "the drain to start")
+        await wait_for(draining, 5.0, "the drain to start")
         assert pp.proc.poll() is None  # the held request keeps the first drain waiting
         pp.proc.send_signal(signal.SIGINT)
         # Far sooner than the 20 s grace, while the request is still held.
@@ -191,7 +183,7 @@ async def test_grace_period_over_cuts_the_rest_and_exits_0(
         async def arrived() -> bool:
             return h.arrived == 1
 
-        await eventually(arrived, 5.0, "the request to reach the upstream")
+        await wait_for(arrived, 5.0, "the request to reach the upstream")
         pp.proc.send_signal(signal.SIGTERM)
         assert await exit_code(pp, 10.0) == 0
         with pytest.raises(aiohttp.ClientError):
@@ -213,7 +205,7 @@ async def test_websocket_tunnel_lives_through_the_drain(
             async def draining() -> bool:
                 return await readyz(s, pp) == 503
 
-            await eventually(draining, 5.0, "the drain to start")
+            await wait_for(draining, 5.0, "the drain to start")
             await ws.send_str("during")
             assert (await ws.receive_str(timeout=5.0)) == "during"
             assert pp.proc.poll() is None

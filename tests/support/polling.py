@@ -20,6 +20,18 @@ async def wait_until(check: Callable[[], Any], timeout: float = 5.0, what: str =
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last value: {last!r}")
 
 
+def wait_until_sync(check: Callable[[], Any], timeout: float, what: str, every: float = 0.02) -> Any:
+    """`wait_until` for synchronous tests (a subprocess' output, say): blocks between polls."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
 async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, every: float = 0.05) -> Any:
     """Poll `await check()` until it returns something truthy; fail with `what` (and the last value)
     after `timeout` seconds."""
