@@ -156,6 +156,7 @@ MIRROR_END = "<!-- mirror-cost:end -->"
 # loadtests/http2.py's section (h2load beside nginx), kept by a bench run too.
 HTTP2_BEGIN = "<!-- http2:begin -->"
 HTTP2_END = "<!-- http2:end -->"
+KEPT_SECTIONS = ("mirror-cost", "http2", "fleet", "decisions", "tls", "ab")
 
 
 def write_results(
@@ -194,21 +195,11 @@ def write_results(
     ]
     parts += [markdown_table(r) for r in results]
     old = path.read_text() if path.exists() else ""
-    if MIRROR_BEGIN in old and MIRROR_END in old:
-        kept = old.split(MIRROR_BEGIN, 1)[1].split(MIRROR_END, 1)[0]
-        parts += ["", MIRROR_BEGIN + kept + MIRROR_END, ""]
-    if HTTP2_BEGIN in old and HTTP2_END in old:
-        parts += ["", old[old.index(HTTP2_BEGIN) : old.index(HTTP2_END) + len(HTTP2_END)], ""]
-    # loadtests/fleet.py's "Fleet mode" section is kept too.
-    begin, end = "<!-- fleet:begin -->", "<!-- fleet:end -->"
-    if begin in old and end in old:
-        parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
-    # So is the "Rollout decisions" section (loadtests/decision_quality.py, rollback_time.py).
-    begin, end = "<!-- decisions:begin -->", "<!-- decisions:end -->"
-    if begin in old and end in old:
-        parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
-    # And the TLS section (scenarios 8 and 9 measured on their own, see loadtests/tls_scenarios.py).
-    begin, end = "<!-- tls:begin -->", "<!-- tls:end -->"
-    if begin in old and end in old:
-        parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
+    # Sections other scripts write between markers survive a bench run: mirror_cost.py, http2.py, fleet.py,
+    # decision_quality.py / rollback_time.py ("Rollout decisions"), tls_scenarios.py (scenarios 8
+    # and 9), ab.py (CPU per request A/B).
+    for name in KEPT_SECTIONS:
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin in old and end in old:
+            parts += ["", old[old.index(begin) : old.index(end) + len(end)], ""]
     path.write_text("\n".join(parts))
