@@ -101,3 +101,20 @@ def test_a_pure_wheel_when_asked_for_at_build_time(tmp_path: Path) -> None:
     assert not [n for n in names if n.endswith(".so")]
     assert "proxy/dataplane/plane.py" in names and "proxy/control/static/status.html" in names
     assert not list(project.rglob("*.so")), "the build wrote into the source tree"
+
+
+def test_require_native_lets_pip_read_metadata_first(tmp_path: Path) -> None:
+    """pip asks setup.py for requirements and metadata (egg_info) before it builds the wheel: with
+    CANARY_PROXY_REQUIRE_NATIVE=1 (the Dockerfile's build) that step must pass, not demand a compiler."""
+    env = {**os.environ, "CANARY_PROXY_REQUIRE_NATIVE": "1"}
+    env.pop("CANARY_PROXY_PURE", None)
+    done = subprocess.run(
+        [sys.executable, "setup.py", "egg_info", "--egg-base", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "canary_proxy.egg-info" / "PKG-INFO").exists()
