@@ -24,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from loadtests.harness import Proc, raise_nofile, rss_bytes, wait_port
@@ -45,8 +46,15 @@ async def _fast_download(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     writer.close()
 
 
+# The never-reading upstream's connections. Held here: with reading paused nothing else refers to
+# them, and the garbage collector would close them (a reset the proxy counts as an upstream fault,
+# and a connection fewer to measure).
+STALLED: list[asyncio.StreamWriter] = []
+
+
 async def _never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Upstream: read the head, then never read again (the body piles up in front of it)."""
+    STALLED.append(writer)
     with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
         await reader.readuntil(b"\r\n\r\n")
         reader._transport.pause_reading()  # type: ignore[attr-defined]  # the kernel buffer fills
@@ -84,7 +92,16 @@ async def _settle(pid: int, max_wait: float) -> int:
     return peak
 
 
-async def _scenario(name: str, pid: int, port: int, n: int) -> dict[str, object]:
+def _in_flight(admin: int) -> int | None:
+    """canary_proxy_in_flight_requests from the proxy's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("canary_proxy_in_flight_requests "):
+                return int(float(line.split()[1]))
+    return None
+
+
+async def _scenario(name: str, pid: int, port: int, n: int, admin: int = 0) -> dict[str, object]:
     held: list[asyncio.StreamWriter] = []
     before = rss_bytes(pid)
     opener = _slow_reader if name == "slow_readers" else _stalled_upload
@@ -96,14 +113,19 @@ async def _scenario(name: str, pid: int, port: int, n: int) -> dict[str, object]
     if name == "slow_readers":
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
     peak = await _settle(pid, 30.0)
+    # Requests the proxy still has in flight at the peak (a refused or failed one would make the
+    # per-connection figure look smaller than it is); None for nginx.
+    alive = await asyncio.to_thread(_in_flight, admin) if admin else None
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for w in held:
+    for w in held + STALLED:
         w.transport.abort()
+    STALLED.clear()
     return {
         "scenario": name,
         "connections": n,
+        "in_flight_at_peak": alive,
         "rss_before_mib": round(before / 2**20, 1),
         "rss_peak_mib": round(peak / 2**20, 1),
         "kib_per_connection": round((peak - before) / 1024 / n, 1),
@@ -113,7 +135,10 @@ async def _scenario(name: str, pid: int, port: int, n: int) -> dict[str, object]
 def _proxy_config(port: int, admin: int, download: int, upload: int) -> str:
     return (
         f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\naccess_log: false\n"
-        f"limits: {{max_connections: 100000}}\ntimeouts: {{response: 5m, send: 5m, client_body: 5m}}\n"
+        f"limits: {{max_connections: 100000}}\n"
+        "timeouts: {connect: 30s, response: 5m, send: 5m, client_body: 5m}\n"
+        # A busy load generator must not get an endpoint ejected (every later request a 503).
+        "outlier_detection: {consecutive_failures: 0}\nretries: {attempts: 0}\n"
         f"upstreams:\n  down: {{endpoints: ['http://127.0.0.1:{download}']}}\n"
         f"  up: {{endpoints: ['http://127.0.0.1:{upload}']}}\n"
         "routes:\n  - name: upload\n    match: {path_prefix: /upload}\n    to: up\n"
@@ -173,10 +198,11 @@ async def _run(args: argparse.Namespace) -> list[dict[str, object]]:
                     continue
                 # A fresh instance per scenario: freed heap is kept by the allocator, so a second
                 # scenario in the same process would start from the first one's peak.
-                port = _free_port()
+                port, admin = _free_port(), 0
                 if proxy == "canary-proxy":
                     cfg = work / "canary.yaml"
-                    cfg.write_text(_proxy_config(port, _free_port(), dport, uport))
+                    admin = _free_port()
+                    cfg.write_text(_proxy_config(port, admin, dport, uport))
                     proc = Proc(proxy, [sys.executable, "-m", "proxy", "run", "-c", str(cfg)], work)
                 else:
                     conf = work / "nginx.conf"
@@ -184,7 +210,7 @@ async def _run(args: argparse.Namespace) -> list[dict[str, object]]:
                     proc = Proc(proxy, nginx_command(work, conf), work)
                 try:
                     await asyncio.to_thread(wait_port, port, proc)
-                    result = {"proxy": proxy, **await _scenario(scenario, proc.pid, port, args.connections)}
+                    result = {"proxy": proxy, **await _scenario(scenario, proc.pid, port, args.connections, admin)}
                     print(json.dumps(result), flush=True)
                     results.append(result)
                 finally:

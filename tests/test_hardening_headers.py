@@ -44,7 +44,7 @@ async def test_connection_tokens_cannot_strip_framing_host_or_forwarding(
     assert seen.get("host") == [b"h"]
     assert seen.get("x-forwarded-for") == [b"10.9.9.9, 127.0.0.1"]
     assert seen.get("x-forwarded-proto") == [b"http"] and seen.get("x-forwarded-host") == [b"h"]
-    assert seen.get("via") == [b"1.1 canary-proxy"] and len(seen.get("x-request-id")) == 1
+    assert seen.get("via") == [b"1.1 " + app.plane.via] and len(seen.get("x-request-id")) == 1
     assert seen.get("x-drop") == [] and seen.get("connection") == []
 
 
@@ -131,14 +131,15 @@ async def test_access_log_client_is_the_first_untrusted_hop(
 @pytest.mark.parametrize(
     ("via", "status"),
     [
-        (b"1.1 canary-proxy", 508),
-        (b"1.0 canary-proxy", 508),
-        (b"HTTP/1.1 canary-proxy", 508),
-        (b"1.1 edge, 1.1 canary-proxy", 508),
-        (b"1.1 canary-proxy (comment)", 508),
-        (b"1.1 canary-proxy-2", 200),  # another name
-        (b"1.1 edge (via canary-proxy)", 200),  # a comment is not a pseudonym
+        (b"1.1 OURS", 508),  # OURS: this instance's pseudonym
+        (b"1.0 OURS", 508),
+        (b"HTTP/1.1 OURS", 508),
+        (b"1.1 edge, 1.1 OURS", 508),
+        (b"1.1 OURS (comment)", 508),
+        (b"1.1 OURS-2", 200),  # another name
+        (b"1.1 edge (via OURS)", 200),  # a comment is not a pseudonym
         (b"1.1 edge", 200),
+        (b"1.1 canary-proxy", 200),  # another canary-proxy instance (a chain), not us
     ],
 )
 async def test_via_loop_detection(
@@ -146,6 +147,8 @@ async def test_via_loop_detection(
 ) -> None:
     up = await logging_upstream()
     app = await proxy_factory(config_text(up.url, up.url))
+    assert app.plane is not None
+    via = via.replace(b"OURS", app.plane.via)
     assert await one(app, b"GET / HTTP/1.1\r\nHost: h\r\nVia: %s\r\n\r\n" % via) == status
     assert len(up.requests) == (1 if status == 200 else 0)
 

@@ -179,7 +179,7 @@ async def test_own_responses_carry_request_id_and_date(
     app = await proxy_factory(text.replace("access_log: false", f"access_log: {{path: {log}}}"))
     path = b"/nothing" if case == "no-route" else b"/app"
     extra = {"too-large": b"Content-Length: 100\r\n", "bad": b"Content-Length: 1\r\nContent-Length: 2\r\n",
-             "loop": b"Via: 1.1 canary-proxy\r\n"}.get(case, b"")  # fmt: skip
+             "loop": b"Via: 1.1 %s\r\n" % app.plane.via}.get(case, b"")  # fmt: skip
     client = await RawClient.connect(port_of(app))
     resp = await client.request(b"GET %s HTTP/1.1\r\nHost: h\r\nX-Request-Id: my-id-1\r\n%s\r\n" % (path, extra))
     client.close()

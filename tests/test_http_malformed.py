@@ -56,7 +56,7 @@ CASES: list[tuple[str, bytes, int]] = [
     ("space-in-target", b"GET /a b HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("control-in-target", b"GET /\x7f HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("expect-other", POST + b"Expect: something\r\nContent-Length: 0\r\n\r\n", 417),
-    ("via-loop", b"GET / HTTP/1.1\r\n" + H + b"Via: 1.1 canary-proxy\r\n\r\n", 508),
+    ("via-loop", b"GET / HTTP/1.1\r\n" + H + b"Via: 1.1 OURS\r\n\r\n", 508),  # OURS: our pseudonym
     ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
 ]  # fmt: skip
 
@@ -74,7 +74,7 @@ async def test_malformed_request_is_refused_and_never_forwarded(
     client = await RawClient.connect(app.plane.bound_port)
     ok = await client.request(b"GET /warm HTTP/1.1\r\nHost: h\r\n\r\n")
     assert ok.status == 200
-    await client.send(request_bytes)
+    await client.send(request_bytes.replace(b"OURS", app.plane.via))
     resp = await client.response()
     rest = await client.at_eof()  # the connection is closed after the error
     client.close()

@@ -159,18 +159,19 @@ async def test_forwarding_headers_added(
     assert first.get("x-forwarded-for") == [b"127.0.0.1"]
     assert first.get("x-forwarded-proto") == [b"http"]
     assert first.get("x-forwarded-host") == [b"example.test:8080"]
-    assert first.get("via") == [b"1.1 canary-proxy"]
+    ours = b"1.1 " + app.plane.via  # this instance's own pseudonym (canary-proxy-XXXXXX)
+    assert app.plane.via.startswith(b"canary-proxy-") and first.get("via") == [ours]
     generated = first.one("x-request-id")
     assert generated
     assert r1.get("x-request-id") == [generated]  # the client learns the id too
-    assert r1.get("via") == [b"1.1 canary-proxy"]
+    assert r1.get("via") == [ours]
     # Appended to what the client sent; untrusted client: its proto/host claims are replaced.
     assert second.get("x-forwarded-for") == [b"10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
     assert second.get("x-forwarded-proto") == [b"http"]
     assert second.get("x-forwarded-host") == [b"h"]
     assert second.get("x-request-id") == [b"abc-123"]
     assert r2.get("x-request-id") == [b"abc-123"]
-    assert second.get("via") == [b"1.1 edge", b"1.1 canary-proxy"]
+    assert second.get("via") == [b"1.1 edge", ours]
     assert second.one("x-request-id") != generated
 
 
@@ -205,7 +206,7 @@ async def test_connection_header_cannot_strip_our_forwarding_headers(
     assert req.get("x-forwarded-for") == [b"10.1.1.1, 127.0.0.1"]
     assert req.get("x-forwarded-proto") == [b"http"]
     assert req.get("x-forwarded-host") == [b"h"]
-    assert req.get("via") == [b"1.1 canary-proxy"]
+    assert req.get("via") == [b"1.1 " + app.plane.via]
     assert req.one("x-request-id")
 
 

@@ -4,8 +4,11 @@ frames on a lost upstream, and linear-time regexes in match rules."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import websockets
@@ -13,6 +16,7 @@ from conftest import RawClient, RawMessage, RawUpstream, Upstream, config_text, 
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.utils import accept_key
 
 from proxy.analysis.stats import KIND_PROTOCOL
 from proxy.config import ConfigError, parse_config
@@ -196,6 +200,40 @@ async def test_websocket_close_1009_survives_the_upstream_reset(proxy_factory: P
                     codes.append(exc.rcvd.code if exc.rcvd is not None else None)
         assert codes == [1009] * 20
     assert websockets.__version__
+
+
+async def test_websocket_close_then_reset_reaches_a_client_still_sending(
+    raw_upstream: RawFactory, proxy_process: Any
+) -> None:
+    """The upstream writes a close frame (1009) and resets the connection at once (SO_LINGER 0)
+    while the client is still sending a large frame. The proxy, a separate process, must pass the
+    close frame on and close the client side gently: a full close with the client's bytes unread
+    resets the client connection, and the client then loses the close frame."""
+
+    async def close_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:"))
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key.decode()).encode())  # fmt: skip
+        await reader.readexactly(64 * 1024)  # the big frame has started
+        writer.write(b"\x88\x02\x03\xf1")  # close, 1009 (message too big)
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST: the rest of the frame is never read
+
+    up = await raw_upstream(close_then_reset)
+    proxy = proxy_process(config_text(up.url, up.url))
+    codes = []
+    for _ in range(20):
+        ws = await ws_connect(f"ws://127.0.0.1:{proxy.port}/ws", max_size=None, close_timeout=2)
+        try:
+            await asyncio.wait_for(ws.send(b"z" * 32 * 1024 * 1024), 10)  # still sending at the reset
+            await asyncio.wait_for(ws.recv(), 10)
+        except ConnectionClosed as exc:
+            codes.append(exc.rcvd.code if exc.rcvd is not None else None)
+        await asyncio.wait_for(ws.wait_closed(), 10)  # (no close(): the connection is gone already)
+    assert codes == [1009] * 20
 
 
 # -- 8. Regexes: linear time or refused ----------------------------------------------------------

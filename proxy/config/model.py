@@ -337,7 +337,7 @@ class Config:
     max_config_size: int = 4 * 1024 * 1024  # bytes; bigger config files are refused
     shutdown_grace: float = 20.0
     fleet: Fleet | None = None  # None: no Redis anywhere
-    via: str | None = None  # Via pseudonym; None: `canary-proxy`, "": no Via
+    via: str | None = None  # Via pseudonym; None: `canary-proxy-` + a per-instance hash, "": no Via
     source_hash: str = ""  # sha256 of the file bytes, first 12 hex digits
     source_path: str = ""
     rollouts: tuple[Rollout, ...] = ()  # every rollout, by name; `rollout` is the first one

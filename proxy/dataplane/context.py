@@ -97,7 +97,10 @@ class PlaneContext:
         self.fd_clients = 1 << 30  # client connections the descriptor limit carries (set at start)
         self.last_id = 0
         self.id_prefix = os.urandom(4).hex().encode() + b"-"
-        # Via: our pseudonym (b"": Via off) and the lines we add.
+        # Via: our pseudonym (b"": Via off) and the lines we add; the default is per instance
+        # (set again from the bound address once listening, see DataPlane.start).
+        self.via_default = H.VIA_TOKEN
+        self.via_configured: str | None = None
         self.via = H.VIA_TOKEN
         self.via_line = H.via_line(self.via)
         self.via_line10 = H.via_line(self.via, True)
@@ -120,8 +123,10 @@ class PlaneContext:
         return True
 
     def set_via(self, configured: str | None) -> None:
-        """`via:` unset: `canary-proxy`; "": no Via at all (and no loop detection)."""
-        token = H.VIA_TOKEN if configured is None else configured.encode("ascii")
+        """`via:` unset: this instance's own `canary-proxy-XXXXXX`; "": no Via at all (and no
+        loop detection)."""
+        self.via_configured = configured
+        token = self.via_default if configured is None else configured.encode("ascii")
         self.via = token
         self.via_line = H.via_line(token)
         self.via_line10 = H.via_line(token, True)

@@ -20,6 +20,7 @@ from proxy.analysis.stats import Stats
 from proxy.config.model import UpstreamTLS
 from proxy.dataplane import deadlines
 from proxy.dataplane.context import PlaneContext
+from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.http1_client import ClientConnection
 from proxy.dataplane.legs.http1_upstream import UpstreamConnection
 from proxy.dataplane.snapshot import Snapshot
@@ -77,6 +78,10 @@ class DataPlane(PlaneContext):
                 lambda: ClientConnection(self), host, port, reuse_port=reuse_port or None, backlog=4096
             )
         self._sweeper = self.loop.create_task(deadlines.sweep(self))
+        server: Any = self.server  # uvloop's `sockets` is a list (see bound_port)
+        bound = server.sockets[0].getsockname()  # port 0 resolved; the same in every worker
+        self.via_default = H.default_pseudonym(socket.gethostname(), f"{bound[0]}:{bound[1]}")
+        self.set_via(self.via_configured)
 
     @property
     def bound_port(self) -> int:

@@ -12,11 +12,13 @@ from typing import Final
 WRITE_HIGH: Final = 16 * 1024
 WRITE_LOW: Final = 4 * 1024
 # Reads take at most what the peer's write buffer still has room for within READ_BUDGET (never
-# less than READ_MIN), and READ_MAX while the peer keeps up (nothing queued): a stalled peer has
-# about READ_BUDGET (once READ_MAX) queued towards it; a fast one gets large reads, few syscalls.
-READ_BUDGET: Final = 32 * 1024
+# less than READ_MIN), and READ_MAX while the peer keeps up (nothing queued). A write the peer's
+# socket takes only in part keeps the WHOLE object it came from alive (uvloop queues a view of
+# it), so a peer that stalls holds up to one READ_MAX read plus READ_BUDGET: about 54 KiB per
+# connection in all with 32/16 KiB, measured by loadtests/memory.py (64/32 KiB held 68 KiB).
+READ_BUDGET: Final = 16 * 1024
 READ_MIN: Final = 4 * 1024
-READ_MAX: Final = 64 * 1024
+READ_MAX: Final = 32 * 1024
 
 # One read buffer for every connection of both legs: reads are handled synchronously (get_buffer,
 # recv_into, buffer_updated), so they never overlap, and an idle connection costs no buffer.

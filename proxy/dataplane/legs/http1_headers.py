@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final
 
-VIA_TOKEN: Final = b"canary-proxy"  # the default pseudonym (config `via:`)
+VIA_TOKEN: Final = b"canary-proxy"  # the default pseudonym's prefix (config `via:`)
 VIA_LINE: Final = b"Via: 1.1 canary-proxy\r\n"
 
 # Request header names the client leg treats specially (lower-cased) -> kind code.
@@ -164,6 +165,14 @@ def http_date() -> bytes:
     value = _date[1]
     assert isinstance(value, bytes)
     return value
+
+
+def default_pseudonym(hostname: str, listen: str) -> bytes:
+    """`canary-proxy-` and a short hash of the host name and the bound listen address: the same
+    for every worker of one instance and across restarts, different for two instances in a row
+    (an edge in front of a sidecar), so their Via loop detection does not take each other for a loop."""
+    digest = hashlib.blake2s(f"{hostname} {listen}".encode(), digest_size=3).hexdigest()
+    return VIA_TOKEN + b"-" + digest.encode("ascii")
 
 
 def via_line(pseudonym: bytes, version10: bool = False) -> bytes:

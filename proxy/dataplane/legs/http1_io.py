@@ -64,6 +64,7 @@ class ClientIO(asyncio.BufferedProtocol):
         # Response bytes produced while the upstream's data is parsed, written in one call after.
         self.wbuf: list[bytes] = []
         self.queued = False  # in the data plane's end-of-iteration flush list
+        self.deferred = 0  # bytes read since `wbuf` was last written (see flush_later)
         # Where the current response's head sits in `wbuf` while it is still unsent: an upstream
         # error found later in the same read can then become a clean 502 instead of a truncation.
         self.head_buf: list[bytes] | None = None
@@ -154,9 +155,16 @@ class ClientIO(asyncio.BufferedProtocol):
         written at once: they are streams, where memory and backpressure matter more."""
         if read_size >= BATCH_BELOW:
             self.flush()
-        elif self.wbuf and not self.queued:
-            self.queued = True
-            self.plane.queue_flush(self)
+        elif self.wbuf:
+            # libuv reads a socket up to 32 times per wake-up: deferred small reads of a stream
+            # would pile up unwritten, never reaching the write buffer's high-water mark that
+            # pauses the upstream (a slow reader then held hundreds of KiB). Enough is written now.
+            self.deferred += read_size
+            if self.deferred >= BATCH_BELOW:
+                self.flush()
+            elif not self.queued:
+                self.queued = True
+                self.plane.queue_flush(self)
 
     def flush_queued(self) -> None:
         """Called once per loop iteration by the data plane for connections that deferred writes."""
@@ -169,8 +177,10 @@ class ClientIO(asyncio.BufferedProtocol):
     def flush(self) -> None:
         """Write what the response produced during this read, in one call."""
         wbuf = self.wbuf
+        self.deferred = 0
         if wbuf:
             self.wbuf = []
+            self.head_buf = None  # the head is on its way: nothing to take back (nor to keep alive)
             t = self.transport
             if t is not None:
                 t.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))

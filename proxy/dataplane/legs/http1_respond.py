@@ -259,6 +259,7 @@ class ClientResponder(ClientIO):
         self.upstream = None
         self.tunnel = conn
         conn.tunnel = True
+        conn.keep_spare()
         conn.deadline = 0.0
         self.dkind = D_NONE
         self.dead = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 
 # Interim (1xx) responses relayed per request; more is a misbehaving upstream: 502.
 MAX_INTERIM = 32
+# Reads of 64 KiB a lost tunnel upstream gets for what it sent before going away.
+SALVAGE_READS = 4
 
 log = logging.getLogger("canary_proxy.upstream")
 
@@ -72,6 +75,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.ninterim = 0
         self.trailer: bytes | None = None  # the `Trailer` header
         self.trailers: list[bytes] | None = None  # trailer lines after a chunked body
+        self.spare_fd = -1  # a tunnel's second descriptor of the socket (see keep_spare)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -85,6 +89,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.pool.forget(self)
         transport, self.transport = self.transport, None
         client = self.client
+        if self.spare_fd >= 0:
+            self._salvage(client)
         if client is not None:
             self.client = None
             client.upstream_lost(self, exc, transport)
@@ -299,6 +305,35 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.ninterim = self.head_bytes = 0
         self.trailer = None
         self.trailers = None
+
+    def keep_spare(self) -> None:
+        """A tunnel keeps a second descriptor of its socket. When a write to the upstream fails
+        (it sent a WebSocket close frame and reset the connection), the transport closes without
+        reading what is still queued on the socket; the spare lets us read it (see _salvage)."""
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is not None and self.spare_fd < 0:
+            try:
+                self.spare_fd = os.dup(sock.fileno())
+            except OSError:
+                self.spare_fd = -1  # out of descriptors: the tunnel works without it
+
+    def _salvage(self, client: ClientLeg | None) -> None:
+        """Pass on what the upstream sent before it went away and the transport did not read,
+        then close the spare descriptor (that closes the socket)."""
+        fd, self.spare_fd = self.spare_fd, -1
+        try:
+            for _ in range(SALVAGE_READS):
+                if client is None or not self.tunnel:
+                    break
+                data = os.read(fd, 65536)  # non-blocking: libuv set O_NONBLOCK on the socket
+                if not data:
+                    break
+                client.tunnel_write(data)
+        except OSError:
+            pass  # nothing left (EAGAIN) or the reset itself
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self.transport is not None:
