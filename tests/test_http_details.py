@@ -125,6 +125,37 @@ async def test_upgrade_body_streams_before_any_101(raw_upstream: RawFactory, pro
     assert resp.status == 200 and bodies == [b"abc"]
 
 
+@pytest.mark.parametrize("split", [False, True])
+async def test_chunked_upgrade_body_keeps_the_connection(
+    split: bool, raw_upstream: RawFactory, proxy_factory: ProxyFactory
+) -> None:
+    """A chunked body (with a trailer, and lines that look like HTTP) on an Upgrade request the
+    upstream declines: like nginx, the connection goes on with the client's next request."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            req = await read_request(reader)
+            body = b"%s:%s" % (req.start.split()[1], req.body)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    up = await raw_upstream(handler)
+    app = await proxy_factory(config_text(up.url, up.url))
+    client = await RawClient.connect(port_of(app))
+    head = WS_HANDSHAKE[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
+    body = b"4\r\nab\r\n\r\n11\r\nGET /x HTTP/1.1\r\n\r\n0\r\nX-Sum: 1\r\n\r\n"
+    if split:  # the final chunk arrives in pieces
+        await client.send(head + body[:-9])
+        await wait_until(lambda: up.accepted == 1, what="the head forwarded")
+        resp = await client.request(body[-9:])
+    else:
+        resp = await client.request(head + body)
+    assert resp.status == 200 and resp.body == b"/ws:ab\r\nGET /x HTTP/1.1\r\n", resp.raw
+    assert resp.get("connection") == []
+    again = await client.request(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+    client.close()
+    assert again.status == 200 and again.body == b"/next:"
+
+
 # -- 2. Declined upgrade -------------------------------------------------------------------------
 
 
