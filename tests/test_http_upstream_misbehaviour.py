@@ -212,7 +212,8 @@ async def test_websocket_close_then_reset_reaches_a_client_still_sending(
 
     async def close_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:"))
+        lines = head.split(b"\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"sec-websocket-key:"))
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key.decode()).encode())  # fmt: skip
         await reader.readexactly(64 * 1024)  # the big frame has started

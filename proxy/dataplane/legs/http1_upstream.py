@@ -311,7 +311,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         (it sent a WebSocket close frame and reset the connection), the transport closes without
         reading what is still queued on the socket; the spare lets us read it (see _salvage)."""
         t = self.transport
-        sock = t.get_extra_info("socket") if t is not None else None
+        if t is None or t.get_extra_info("ssl_object") is not None:
+            return  # TLS: the socket's bytes are records, not the upstream's data
+        sock = t.get_extra_info("socket")
         if sock is not None and self.spare_fd < 0:
             try:
                 self.spare_fd = os.dup(sock.fileno())
