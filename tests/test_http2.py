@@ -109,7 +109,7 @@ async def test_header_routing_and_cookie_crumbs(proxy_factory: StartProxy, pair:
     try:
         status, headers, body = await client.get("/a", x_canary="always")
         assert (status, body) == (200, b"canary GET /a 0\n")
-        assert headers[b"x-upstream"] == b"canary" and headers[b"via"] == b"1.1 canary-proxy"
+        assert headers[b"x-upstream"] == b"canary" and headers[b"via"] == b"1.1 " + app.plane.via
         assert headers[b"x-request-id"]
         status, _, body = await client.get("/b", x_canary="nope")
         assert (status, body) == (200, b"stable GET /b 0\n")
@@ -158,7 +158,7 @@ async def test_own_errors_carry_the_http1_headers(proxy_factory: StartProxy, pai
     try:
         status, headers, body = await client.get("/nothing")
         assert status == 404 and body == b"404 Not Found\n"
-        assert headers[b"date"] and headers[b"x-request-id"] and headers[b"via"] == b"1.1 canary-proxy"
+        assert headers[b"date"] and headers[b"x-request-id"] and headers[b"via"] == b"1.1 " + app.plane.via
         assert headers[b"content-length"] == b"14"
         status, headers, body = await client.get("/api/x")
         assert status == 502 and body == b"502 Bad Gateway\n" and headers[b"x-request-id"]
