@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -31,6 +32,8 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def measured() -> dict[str, dict[str, object]]:
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 8 * CONNECTIONS:
+        pytest.skip("the descriptor limit is too low for the clients, the proxy and the upstreams")
     out = subprocess.run(
         [sys.executable, "-m", "loadtests.memory", "--connections", str(CONNECTIONS), "--only", "canary-proxy"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env(),
