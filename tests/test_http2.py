@@ -12,6 +12,7 @@ import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -250,3 +251,42 @@ async def test_upgrade_h2c_from_http1_is_not_supported(
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200 "), head  # answered as HTTP/1.1, never 101
+
+
+async def test_trailers_both_ways(proxy_factory: StartProxy, raw_upstream: Callable[..., Awaitable[Any]]) -> None:
+    """Request trailers reach a chunked upstream request; chunked response trailers become a
+    trailing HEADERS frame; hop-by-hop fields never travel."""
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.readuntil(b"\r\n\r\n")  # chunks, the last chunk and the trailer section
+        seen.append(head + body)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\nConnection: keep-alive\r\n\r\n"
+            b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\ngrpc-message: fine\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()
+
+    up = await raw_upstream(handler)
+    app = await proxy_factory(config_text(up.url, up.url))
+    client = await RawH2.open(port(app))
+    try:
+        hdrs = [(b":method", b"POST"), (b":path", b"/t"), (b":scheme", b"http"), (b":authority", b"x")]
+        client.conn.send_headers(1, [*hdrs, (b"te", b"trailers")])
+        client.conn.send_data(1, b"abc")
+        client.conn.send_headers(1, [(b"x-checksum", b"42")], end_stream=True)
+        client.flush()
+        await client.pump(lambda c: c.ended(1))
+        status, headers, body = client.response(1)
+        assert (status, body) == (200, b"hello")
+        assert b"connection" not in headers and b"transfer-encoding" not in headers
+        trailers = [e for e in client.events if type(e).__name__ == "TrailersReceived"]
+        assert [dict(t.headers) for t in trailers] == [{b"grpc-status": b"0", b"grpc-message": b"fine"}]  # type: ignore[attr-defined]
+    finally:
+        client.close()
+    (raw,) = seen
+    assert b"Transfer-Encoding: chunked\r\n" in raw and b"\r\n3\r\nabc\r\n" in raw
+    assert raw.endswith(b"0\r\nx-checksum: 42\r\n\r\n")
+    assert b"\r\nte:" not in raw.lower()  # hop-by-hop towards an HTTP/1.1 upstream

@@ -97,6 +97,7 @@ class H2ClientConnection(asyncio.BufferedProtocol):
         )
         h2.local_settings = Settings(client=False, initial_values=L.local_settings(limits))
         h2.decoder.max_header_list_size = L.max_header_list_size(limits)  # before the client's ACK too
+        h2.encoder.header_table_size = L.ENCODER_TABLE
         self.block_cap = L.header_block_cap(limits)
         self.resets = L.Counter(L.RESET_LIMIT)
         self.control = L.Counter(L.CONTROL_LIMIT)
@@ -195,8 +196,13 @@ class H2ClientConnection(asyncio.BufferedProtocol):
         elif isinstance(ev, RemoteSettingsChanged):
             if self.control.hit(now):
                 self.calm()
-            elif SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
-                self.window_opened(0)
+            else:
+                changed = ev.changed_settings
+                table = changed.get(SettingCodes.HEADER_TABLE_SIZE)
+                if table is not None:  # the library sized our encoder's table to the client's: shrink it
+                    self.h2.encoder.header_table_size = min(table.new_value, L.ENCODER_TABLE)
+                if SettingCodes.INITIAL_WINDOW_SIZE in changed:
+                    self.window_opened(0)
         elif isinstance(ev, ConnectionTerminated):
             self.terminate(None)  # the client's GOAWAY: the library sends nothing more
 

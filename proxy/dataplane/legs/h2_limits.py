@@ -33,6 +33,8 @@ MAX_QUEUED: Final = 1 << 20  # bytes waiting in the transport for a client that 
 STREAM_BUFFER: Final = 64 * 1024  # response bytes held per stream beyond the client's window
 CONNECTION_WINDOW: Final = 1 << 20  # our receive window for the whole connection (all streams)
 STREAM_WINDOW: Final = 65535  # our receive window per stream (the protocol's default)
+ENCODER_TABLE: Final = 1024  # our HPACK encoder's table (bytes; at most what the client allows): small
+# enough that finding a field in it is cheap, large enough for the fields every response repeats
 HPACK_OVERHEAD: Final = 32  # RFC 7541 4.1: the size of a header field counts 32 bytes more
 
 

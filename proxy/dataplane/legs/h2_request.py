@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from hpack import NeverIndexedHeaderTuple
+
 from proxy.dataplane.legs.http1_request import Reject, add_header, validate
 from proxy.dataplane.request import Request
 
@@ -121,8 +123,14 @@ def response_fields(lines: list[bytes]) -> list[Header]:
         name = line[:i].lower()
         if name in _CONNECTION_SPECIFIC:
             continue
-        fields.append((name, line[i + 1 : -2].strip()))
+        value = line[i + 1 : -2].strip()
+        fields.append(NeverIndexedHeaderTuple(name, value) if name in NEVER_INDEXED else (name, value))
     return fields
+
+
+# Values that differ on every response: kept out of the HPACK dynamic table (they would only push
+# the reusable fields out of it); cookies are never indexed anyway (RFC 7541 7.1.3).
+NEVER_INDEXED = frozenset({b"x-request-id", b"set-cookie", b"etag"})
 
 
 # RFC 9113 8.2.2: never in an HTTP/2 message.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
+from hpack import NeverIndexedHeaderTuple
 
 from proxy.dataplane import recording
 from proxy.dataplane.legs import http1_headers as H
@@ -134,9 +135,9 @@ class H2Responder:
         if via:
             fields.append((b"via", via[5:-2]))
         if not upstream_reqid and req.reqid is not None:
-            fields.append((b"x-request-id", req.reqid))
+            fields.append(NeverIndexedHeaderTuple(b"x-request-id", req.reqid))  # unique: not worth indexing
         if req.set_cookie is not None:
-            fields.append((b"set-cookie", req.set_cookie))
+            fields.append(NeverIndexedHeaderTuple(b"set-cookie", req.set_cookie))
         return fields
 
     # -- ClientLeg (the upstream leg) -----------------------------------------------------------
