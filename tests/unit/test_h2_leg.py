@@ -258,3 +258,16 @@ def test_concurrent_streams_key_is_validated_with_its_path() -> None:
     with pytest.raises(ConfigError, match=r"limits\.http2_max_concurrent_streams") as exc:
         parse_config(base.replace("N", "0"))
     assert "line 11" in str(exc.value), exc.value
+
+
+def test_encoder_table_is_shrunk_with_one_size_update() -> None:
+    """Our HPACK table stays small (cheap lookups); RFC 7541 4.2: the first header block announces
+    the final size once (the library's own resize to the client's value is folded in)."""
+    _, conn, t, c = h2_pair()
+    c.send_headers(1, hdrs(b"/nothing"), end_stream=True)
+    conn.data_received(c.data_to_send())
+    conn.flush_queued()
+    (block,) = [p for ftype, _, p in frames(bytes(t.written)) if ftype == 0x1]
+    assert block.startswith(b"\x3f\xe1\x07")  # size update to 1024
+    assert block[3] & 0xE0 != 0x20  # and no second one
+    assert conn.h2.encoder.header_table_size == 1024

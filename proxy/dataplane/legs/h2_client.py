@@ -97,7 +97,7 @@ class H2ClientConnection(asyncio.BufferedProtocol):
         )
         h2.local_settings = Settings(client=False, initial_values=L.local_settings(limits))
         h2.decoder.max_header_list_size = L.max_header_list_size(limits)  # before the client's ACK too
-        h2.encoder.header_table_size = L.ENCODER_TABLE
+        self.shrink_encoder()
         self.block_cap = L.header_block_cap(limits)
         self.resets = L.Counter(L.RESET_LIMIT)
         self.control = L.Counter(L.CONTROL_LIMIT)
@@ -198,9 +198,8 @@ class H2ClientConnection(asyncio.BufferedProtocol):
                 self.calm()
             else:
                 changed = ev.changed_settings
-                table = changed.get(SettingCodes.HEADER_TABLE_SIZE)
-                if table is not None:  # the library sized our encoder's table to the client's: shrink it
-                    self.h2.encoder.header_table_size = min(table.new_value, L.ENCODER_TABLE)
+                if SettingCodes.HEADER_TABLE_SIZE in changed:
+                    self.shrink_encoder()  # the library sized our encoder's table to the client's
                 if SettingCodes.INITIAL_WINDOW_SIZE in changed:
                     self.window_opened(0)
         elif isinstance(ev, ConnectionTerminated):
@@ -249,6 +248,17 @@ class H2ClientConnection(asyncio.BufferedProtocol):
         if ended:
             stream.on_end()
         exchange.begin(plane, stream, req)
+
+    def shrink_encoder(self) -> None:
+        """Keep our HPACK encoder's table at ENCODER_TABLE at most, and announce the change as
+        RFC 7541 4.2 asks: the smallest size reached since the last header block, then the final."""
+        enc = self.h2.encoder
+        size = min(self.h2.remote_settings.header_table_size, L.ENCODER_TABLE)
+        enc.header_table_size = size
+        changes = enc.table_size_changes
+        if changes:
+            low = min(changes)
+            enc.table_size_changes = [low, size] if low < size else [size]
 
     def window_opened(self, sid: int) -> None:
         """The client's window grew (one stream's, or the connection's: every stream may go on)."""
