@@ -116,7 +116,7 @@ async def test_rapid_reset_gets_goaway_and_frees_upstream_work(
                 await client.writer.drain()
             except ConnectionError:
                 break
-            if client.reader.at_eof():
+            if await client.peek():
                 break
         await client.closes()
     finally:
@@ -144,7 +144,7 @@ async def test_continuation_flood_closes_with_bounded_memory(
                 client.raw(ContinuationFrame(1, data=b"\x00" * size).serialize())
                 pushed += size
                 await client.writer.drain()
-                if client.reader.at_eof():
+                if await client.peek():
                     break
         except ConnectionError:
             pass
@@ -202,7 +202,7 @@ async def test_control_frame_floods_get_goaway(
         for _ in range(100):  # up to 10 000 frames
             client.raw(data)
             await client.writer.drain()
-            if client.reader.at_eof():
+            if await client.peek():
                 break
     except ConnectionError:
         pass

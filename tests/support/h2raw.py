@@ -4,6 +4,7 @@ HTTP/2 tests that need what real clients never do (floods, resets, windows that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +85,14 @@ class RawH2:
             except Exception:  # the server's GOAWAY may cut our state machine short: keep the events
                 self.closed = True
             self.flush()
+
+    async def peek(self, wait: float = 0.01) -> bool:
+        """Read what the server has sent so far (waiting at most `wait` s for more): True once it
+        sent a GOAWAY or closed. A flooding client must read as it goes: once the server resets
+        the connection, bytes it sent earlier but not yet read are lost to the reader."""
+        with contextlib.suppress(AssertionError):
+            await self.pump(lambda c: c.goaway_code() is not None, timeout=wait)
+        return self.closed or self.goaway_code() is not None
 
     async def get(self, path: str = "/", **extra: str) -> tuple[int, dict[bytes, bytes], bytes]:
         """One GET on a new stream; returns status, headers and the body."""
