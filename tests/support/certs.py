@@ -84,6 +84,7 @@ def s_client(port: int, *args: str, data: bytes = b"", timeout: float = 20.0) ->
         input=data.decode("latin-1"),
         capture_output=True,
         text=True,
+        errors="replace",  # after ALPN h2 the server's first bytes are an HTTP/2 SETTINGS frame
         timeout=timeout,
     )
 
