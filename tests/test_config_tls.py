@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,18 @@ def test_mismatched_upstream_client_pair(pki: tuple[CA, Issued, Issued]) -> None
     assert errors_of(text) == [
         f'upstreams.stable.tls.key: "{b.key}" does not match the certificate "{a.cert}" (line 3)'
     ]
+
+
+def test_an_expired_certificate_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    from proxy.config.certs import cert_info
+    from proxy.config.lint import config_warnings
+
+    ca = CA(tmp_path)
+    old = ca.issue("localhost", dns=["localhost"], days=0)  # valid until the second it was signed
+    deadline = time.monotonic() + 5
+    while not cert_info(str(old.cert)).expired and time.monotonic() < deadline:
+        time.sleep(0.1)  # the clock passing its notAfter second, not a synchronisation
+    cfg = parse_config(BASE + f"tls:\n  cert: {old.cert}\n  key: {old.key}\n")  # loads: served anyway
+    (warning,) = config_warnings(cfg)
+    assert warning.startswith(f'tls.cert: certificate "{old.cert}" expired on ')
+    assert warning.endswith("; clients will refuse it")

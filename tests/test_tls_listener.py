@@ -19,6 +19,7 @@ from support.certs import CA, Issued, s_client
 
 from proxy.control.app import ProxyApp
 from proxy.control.metrics import make_registry, render
+from proxy.control.status import build_status
 from proxy.dataplane.legs.base import ALPN_SUPPORTED
 
 pytestmark = pytest.mark.timeout(90)
@@ -106,6 +107,14 @@ async def test_sni_chooses_the_certificate(
     assert await subject("-servername", "x.y.wild.test") == "subject=CN = first.test"  # one label only
     assert await subject("-servername", "unknown.test") == "subject=CN = first.test"  # the default
     assert await subject("-noservername") == "subject=CN = first.test"
+    # /status shows what is served.
+    doc = build_status(app)["tls"]
+    assert [(c["key_path"], c["names"], c["serial"]) for c in doc["certificates"]] == [
+        ("tls", ["first.test"], first.serial_hex),
+        ("tls.certificates[0]", ["*.wild.test"], wild.serial_hex),
+        ("tls.certificates[1]", ["legacy.test"], legacy.serial_hex),
+    ]
+    assert doc["min_version"] == "1.2" and "http/1.1" in doc["alpn_offered"]
 
 
 @pytest.mark.parametrize("version", ["-tls1", "-tls1_1"])

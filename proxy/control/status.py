@@ -6,6 +6,8 @@ keys are only ever added, never renamed.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from proxy import __version__, native
@@ -13,10 +15,12 @@ from proxy.analysis.rollout import canary_weight, ladder_weight
 from proxy.analysis.window import WindowStats
 from proxy.control.fleet.report import fleet_status
 from proxy.control.metrics import current_state, current_states
+from proxy.dataplane.tls.server import offered_alpn
 
 if TYPE_CHECKING:
     from proxy.analysis.controller import RolloutController
-    from proxy.config.model import Config, Route
+    from proxy.config.certs import CertInfo
+    from proxy.config.model import Config, ListenerTLS, Route
     from proxy.control.view import AppView
 
 DEFAULT_WINDOW = 60.0  # seconds of traffic summarised per upstream without a rollout
@@ -47,6 +51,9 @@ def build_status(app: AppView) -> dict[str, Any]:
     }
     if app.fleet is not None:  # only in fleet mode
         doc["fleet"] = fleet_status(app.fleet, now)
+    listener = getattr(getattr(app, "tls", None), "listener", None)  # a ProxyApp's TLSRuntime
+    if listener is not None and config.tls is not None:  # only with `tls:`
+        doc["tls"] = tls_status(config.tls, listener.current.infos)
     return doc
 
 
@@ -208,3 +215,25 @@ def admin_url(config: Config) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{config.admin.port}"
+
+
+def tls_status(tls: ListenerTLS, infos: Mapping[str, CertInfo]) -> dict[str, Any]:
+    """The listener's certificates as served now (after the last successful load)."""
+    return {
+        "certificates": [
+            {
+                "key_path": path,
+                "cert": pair.cert,
+                "serial": info.serial,
+                "names": list(info.names),
+                "not_after": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.not_after)),
+                "expired": info.expired,
+            }
+            for path, pair in tls.pairs()
+            if (info := infos.get(pair.cert)) is not None
+        ],
+        "client_ca": tls.client_ca,
+        "min_version": tls.min_version,
+        "alpn": list(tls.alpn),
+        "alpn_offered": offered_alpn(tls),  # what the client legs speak of it
+    }

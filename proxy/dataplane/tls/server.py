@@ -20,7 +20,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from proxy.analysis.stats import Stats
-from proxy.config.certs import CertError, cert_info, check_ca
+from proxy.config.certs import CertError, CertInfo, cert_info, check_ca
 from proxy.config.model import CertPair, ListenerTLS
 from proxy.dataplane.legs.base import ALPN_SUPPORTED
 from proxy.dataplane.tls.handshakes import HandshakeMonitor, tracked_class
@@ -73,6 +73,7 @@ class ServerContexts:
     exact: dict[str, ssl.SSLContext] = field(default_factory=dict)
     wildcard: dict[str, ssl.SSLContext] = field(default_factory=dict)  # "example.com" for *.example.com
     serials: dict[str, str] = field(default_factory=dict)  # cert file -> serial (for logs and tests)
+    infos: dict[str, CertInfo] = field(default_factory=dict)  # cert file -> names, serial, expiry (/status)
 
     def select(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a ClientHello's server name: exact name, then `*.parent`, else the default."""
@@ -105,6 +106,7 @@ def build_contexts(tls: ListenerTLS) -> ServerContexts:
         if info.expired:
             log.warning("%s.cert: certificate %s has expired; serving it anyway", path, pair.cert)
         out.serials[pair.cert] = info.serial
+        out.infos[pair.cert] = info
         for name in info.names:
             if name.startswith("*."):
                 out.wildcard.setdefault(name[2:], ctx)
