@@ -29,6 +29,10 @@ MODULES = (
     "proxy.dataplane.legs.http1_respond",
     "proxy.dataplane.legs.http1_request",
     "proxy.dataplane.legs.http1_upstream",
+    # HTTP/2 upstreams: their classes extend the compiled UpstreamConnection and EndpointPool.
+    "proxy.dataplane.legs.h2_upstream_stream",
+    "proxy.dataplane.legs.h2_upstream",
+    "proxy.dataplane.h2_pool",
     "proxy.dataplane.plane",
     "proxy.dataplane.forwarding",
     "proxy.dataplane.exchange",

@@ -159,6 +159,14 @@ class Stats:
         self.mirrors: dict[tuple[str, str], MirrorStats] = {}  # by (route, mirror upstream)
         self.local_errors: dict[str, int] = {}  # our own failures, by proxy.faults.LOCAL_KINDS
         self.tls_handshake_errors: dict[str, int] = {}  # failed client TLS handshakes, by reason
+        self.grpc: dict[str, list[int]] = {}  # upstream gRPC responses, by upstream, by grpc-status code
+
+    def count_grpc(self, upstream: str, code: int) -> None:
+        """Count one response of `upstream` that carried grpc-status `code` (0-16)."""
+        counts = self.grpc.get(upstream)
+        if counts is None:
+            counts = self.grpc[upstream] = [0] * 17
+        counts[code] += 1
 
     def route_counts_for(self, route: str, upstream: str) -> RouteCounts:
         """The (route, upstream) counter, created on first use; bound once per snapshot."""

@@ -21,6 +21,7 @@ from yaml.nodes import ScalarNode
 
 from proxy.config.errors import ConfigError
 from proxy.config.fleet import read_fleet
+from proxy.config.grpc_reader import grpc_error_statuses, upstream_protocol
 from proxy.config.model import (
     AccessLog,
     Address,
@@ -130,6 +131,7 @@ class _Parser(RouteReader):
         self.env = env
         self.upstream_names: list[str] | None = None  # None: section unusable, skip name lookups
         self.baselines: dict[str, str] = {}  # baseline upstream -> rollout name (read before routes)
+        self.h2_upstreams: set[str] = set()
 
     def config(self, root: Value) -> Config | None:
         r = self.r
@@ -205,13 +207,17 @@ class _Parser(RouteReader):
         for name, uv in entries.items():
             if not _UPSTREAM_NAME.fullmatch(name):
                 r.error(uv, 'invalid upstream name (use letters, digits, ".", "_", "-")')
-            m = r.mapping(uv, ("endpoints", "version", "tls"), required=("endpoints",))
+            m = r.mapping(uv, ("endpoints", "version", "tls", "protocol"), required=("endpoints",))
             if m is not None and "endpoints" in m:
                 version = r.text(m["version"]) if "version" in m else None
+                protocol = upstream_protocol(r, m["protocol"]) if "protocol" in m else "http1"
                 endpoints = self.endpoints(m["endpoints"])
                 if "tls" in m:
                     endpoints = self.upstream_tls(m["tls"], endpoints)
-                out[name] = Upstream(name, endpoints, version)
+                if protocol == "h2":
+                    endpoints = tuple(replace(ep, h2=True) for ep in endpoints)
+                    self.h2_upstreams.add(name)
+                out[name] = Upstream(name, endpoints, version, protocol)
         return out
 
     def upstream_tls(self, v: Value, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
@@ -270,6 +276,7 @@ class _Parser(RouteReader):
                 "window": r.duration,
                 "min_requests": lambda x: r.integer(x, lo=1),
                 "error_statuses": self.error_statuses,
+                "grpc_error_statuses": lambda x: grpc_error_statuses(r, x),
                 "confidence": lambda x: r.number(x, 0.5, 1, lo_open=True, hi_open=True),
                 "thresholds": self.thresholds,
                 "fast_fail": lambda x: r.record(x, FastFail, {"consecutive_errors": lambda y: r.integer(y, lo=0)}),

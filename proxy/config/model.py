@@ -10,6 +10,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.config.grpc_codes import DEFAULT_ERRORS as GRPC_DEFAULT_ERRORS
+
 MatchKind = Literal["exact", "prefix", "suffix", "contains", "regex", "present"]
 
 
@@ -67,6 +69,7 @@ class Endpoint:
     host: str
     port: int
     tls: UpstreamTLS | None = None
+    h2: bool = False  # the upstream's `protocol: h2`: HTTP/2 (prior knowledge over cleartext)
 
     @property
     def key(self) -> str:
@@ -75,11 +78,13 @@ class Endpoint:
 
     @property
     def pool_key(self) -> str:
-        """Stable identity, used to keep connection pools across reloads (TLS settings included)."""
+        """Stable identity, used to keep connection pools across reloads (TLS settings included);
+        HTTP/1.1 and HTTP/2 (`h2`) connections are never shared."""
+        prefix = "h2 " if self.h2 else ""
         if self.tls is None:
-            return self.key
+            return prefix + self.key
         tag = "" if self.tls == UpstreamTLS() else f"#{zlib.crc32(repr(self.tls).encode()):08x}"
-        return f"https://{self.key}{tag}"
+        return f"{prefix}https://{self.key}{tag}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,7 @@ class Upstream:
     name: str
     endpoints: tuple[Endpoint, ...]
     version: str | None = None
+    protocol: Literal["http1", "h2"] = "http1"  # h2: HTTP/2 to every endpoint (gRPC upstreams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +260,8 @@ class Rollout:
     window: float = 60.0
     min_requests: int = 100
     error_statuses: tuple[str, ...] = ("5xx",)  # "5xx" classes or exact codes like "429"
+    # grpc-status codes (names or numbers) that count as errors, like error_statuses for HTTP
+    grpc_error_statuses: tuple[str, ...] = GRPC_DEFAULT_ERRORS
     confidence: float = 0.99
     thresholds: Thresholds = field(default_factory=Thresholds)
     fast_fail: FastFail = field(default_factory=FastFail)

@@ -83,6 +83,10 @@ class RolloutKeys:
                 # The data plane counts a response as an error once, with one table for all.
                 r.error(m.get("error_statuses", item), f'must be the same in every rollout (as in "{out[0].name}")')
                 continue
+            if out and set(rollout.grpc_error_statuses) != set(out[0].grpc_error_statuses):
+                where = m.get("grpc_error_statuses", item)
+                r.error(where, f'must be the same in every rollout (as in "{out[0].name}")')
+                continue
             owner[rollout.canary] = owner[rollout.baseline] = rollout.name
             out.append(rollout)
         return tuple(out)

@@ -53,6 +53,7 @@ class RouteReader:
     r: Reader
     upstream_names: list[str] | None
     baselines: dict[str, str]  # baseline upstream -> rollout name
+    h2_upstreams: set[str]  # upstreams with `protocol: h2`
 
     def known(self, v: Value, name: str | None) -> str | None:
         raise NotImplementedError
@@ -119,6 +120,9 @@ class RouteReader:
         own = to if to is not None else next((n for n, w in split or () if w >= 100), None)
         if own is not None and mirror.to == own:
             r.error(r.entries(v)["to"], f'mirror must not point at the route\'s own target ("{own}")')
+            return None
+        if mirror.to in self.h2_upstreams:  # the mirror sender speaks HTTP/1.1
+            r.error(r.entries(v)["to"], f'mirroring to "{mirror.to}" (protocol: h2) is not supported')
             return None
         if mirror.analyze and mirror.to in self.baselines:  # copies would be judged as the baseline's traffic
             msg = f'"{mirror.to}" is the baseline of rollout "{self.baselines[mirror.to]}": analyze judges a canary'

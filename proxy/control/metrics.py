@@ -31,6 +31,7 @@ from proxy.analysis.rollout import RolloutState
 from proxy.analysis.stats import CODE_CLASSES, ERROR_KINDS, Stats, UpstreamStats
 from proxy.control.analysis_metrics import analysis_families
 from proxy.control.fleet.report import fleet_metrics
+from proxy.control.grpc_metrics import grpc_family
 from proxy.control.metrics_mirror import mirror_families
 from proxy.dataplane.tls.handshakes import REASONS as TLS_REASONS
 
@@ -63,6 +64,7 @@ class ProxyCollector:
         yield _durations(stats.upstreams)
         yield _errors(stats.upstreams)
         yield from mirror_families(stats)
+        yield grpc_family(stats)
         yield from _plane_gauges(app)
         yield from _rollout(app)
         yield from _durability(app, stats)

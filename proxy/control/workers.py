@@ -60,6 +60,7 @@ def counters_snapshot(stats: Stats) -> dict[str, Any]:
         "ejections": stats.ejections,
         "local_errors": stats.local_errors,
         "tls_handshake_errors": stats.tls_handshake_errors,
+        "grpc": stats.grpc,
         "routes": [[rc.route, rc.upstream, rc.by_class] for rc in stats.route_counts.values()],
         "upstreams": {
             name: {
@@ -90,6 +91,10 @@ def merged_stats(own: Stats, peers: list[dict[str, Any]]) -> Stats:
             dst: dict[str, int] = getattr(out, key)
             for name, n in snap.get(key, {}).items():
                 dst[name] = dst.get(name, 0) + int(n)
+        for name, codes in snap.get("grpc", {}).items():
+            grpc = out.grpc.setdefault(name, [0] * 17)
+            for code, n in enumerate(codes[:17]):
+                grpc[code] += int(n)
         for route, upstream, by_class in snap["routes"]:
             rc = out.route_counts.setdefault((route, upstream), RouteCounts(route, upstream))
             rc.by_class = [a + int(b) for a, b in zip(rc.by_class, by_class, strict=True)]

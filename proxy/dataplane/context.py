@@ -19,7 +19,7 @@ from proxy.dataplane.clock import Clock
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.base import UpstreamLeg
 from proxy.dataplane.mirror import Mirrors
-from proxy.dataplane.pools import PoolRegistry
+from proxy.dataplane.pools import PoolFactory, PoolRegistry
 
 if TYPE_CHECKING:
     from proxy.analysis.stats import Stats
@@ -79,12 +79,13 @@ class PlaneContext:
         loop: asyncio.AbstractEventLoop,
         factory: Callable[..., asyncio.BaseProtocol],
         rng: Callable[[], float] = random.random,
+        h2_pool: PoolFactory | None = None,
     ) -> None:
         self.stats = stats
         self.loop = loop
         self.clock = Clock()
         self.rng = rng
-        self.pools = PoolRegistry(self, factory)
+        self.pools = PoolRegistry(self, factory, h2_pool)
         self.mirrors = Mirrors()  # shadow traffic: its own pool and bounded task set
         self.clients: set[ClientSide] = set()
         self.tunnels: set[ClientSide] = set()

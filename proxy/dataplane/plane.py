@@ -20,6 +20,7 @@ from proxy.analysis.stats import Stats
 from proxy.config.model import UpstreamTLS
 from proxy.dataplane import deadlines
 from proxy.dataplane.context import PlaneContext
+from proxy.dataplane.h2_pool import H2Pool
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.http1_client import ClientConnection
 from proxy.dataplane.legs.http1_upstream import UpstreamConnection
@@ -32,7 +33,7 @@ class DataPlane(PlaneContext):
     def __init__(
         self, stats: Stats, loop: asyncio.AbstractEventLoop, rng: Callable[[], float] = random.random
     ) -> None:
-        super().__init__(stats, loop, UpstreamConnection, rng)
+        super().__init__(stats, loop, UpstreamConnection, rng, H2Pool)
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -17,6 +17,7 @@ from proxy.dataplane.clock import Clock
 from proxy.dataplane.legs.base import UpstreamLeg
 
 ConnectionFactory = Callable[["EndpointPool"], asyncio.BaseProtocol]
+PoolFactory = Callable[[Endpoint, "DataPlaneLike", ConnectionFactory], "EndpointPool"]
 
 
 class DataPlaneLike(Protocol):
@@ -123,17 +124,19 @@ class PoolRegistry:
     """Endpoint pools by `host:port`, kept across reloads so unchanged endpoints keep their
     connections; balancers are rebuilt per snapshot."""
 
-    def __init__(self, plane: DataPlaneLike, factory: ConnectionFactory) -> None:
+    def __init__(self, plane: DataPlaneLike, factory: ConnectionFactory, h2_pool: PoolFactory | None = None) -> None:
         self.plane = plane
         self.factory = factory
         self.pools: dict[str, EndpointPool] = {}  # by Endpoint.pool_key
         self.tls: dict[UpstreamTLS, ssl.SSLContext] = {}  # client contexts of https:// endpoints
+        self.h2_pool = h2_pool  # makes the pools of `protocol: h2` endpoints
 
     def pool_for(self, endpoint: Endpoint) -> EndpointPool:
         key = endpoint.pool_key
         pool = self.pools.get(key)
         if pool is None or pool.retired:
-            pool = self.pools[key] = EndpointPool(endpoint, self.plane, self.factory)
+            make = self.h2_pool if endpoint.h2 and self.h2_pool is not None else EndpointPool
+            pool = self.pools[key] = make(endpoint, self.plane, self.factory)
             if endpoint.tls is not None:
                 pool.ssl = self.tls.get(endpoint.tls)
         return pool

@@ -56,11 +56,17 @@ def finish(ctx: PlaneContext, req: Request, aborted: bool, log: bool = True) -> 
     now = ctx.clock.read()
     if binding is not None and status:
         binding.counts.by_class[status // 100] += 1
+        error = req.snapshot.is_error[status]
+        grpc = req.grpc_status
+        if grpc >= 0:  # an HTTP/2 upstream's gRPC answer: its grpc-status may make it an error
+            stats.count_grpc(binding.upstream.name, grpc)
+            if req.snapshot.grpc_error[grpc]:
+                error = True
         if not req.failed and not aborted:
-            binding.upstream.stats.observe(ctx.clock.wall(now), now - req.t0, req.snapshot.is_error[status])
+            binding.upstream.stats.observe(ctx.clock.wall(now), now - req.t0, error)
             pool = req.pool
             if pool is not None:
-                if status >= 500:
+                if status >= 500 or (grpc > 0 and error):
                     endpoint_failed(ctx, req, binding.upstream.name, pool, now)
                 else:
                     pool.consecutive_failures = 0

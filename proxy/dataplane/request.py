@@ -33,6 +33,7 @@ class Request:
         "expect",
         "failed",
         "framing",
+        "grpc_status",
         "head",
         "host",
         "hsize",
@@ -122,3 +123,4 @@ class Request:
         self.track: UpstreamStats | None = None  # the upstream counting this try as outstanding
         self.track_key = 0
         self.try_timeout = 0.0  # this try's response timeout when shorter than timeouts.response
+        self.grpc_status = -1  # the upstream's grpc-status (HTTP/2 upstreams), -1: none

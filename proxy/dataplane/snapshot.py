@@ -15,6 +15,7 @@ from proxy.analysis.rollout import RolloutState
 from proxy.analysis.splits import effective_split, effective_target
 from proxy.analysis.stats import RouteCounts, Stats, UpstreamStats
 from proxy.analysis.verdict import error_status_table
+from proxy.config import grpc_codes
 from proxy.config.model import Config, CookieIssue, Match, Route, StringMatch
 from proxy.config.saferegex import compile_fullmatch
 from proxy.dataplane.balancer import Balancer
@@ -57,6 +58,7 @@ class Snapshot:
         "config",
         "effective",
         "fallback",
+        "grpc_error",
         "is_error",
         "loaded_at",
         "rollout_state",
@@ -82,6 +84,7 @@ class Snapshot:
         loaded_at: float,
         unmatched: RouteCounts,
         rollout_states: dict[str, RolloutState] | None = None,
+        grpc_error: tuple[bool, ...] = (),
     ) -> None:
         self.config = config
         self.rules = rules
@@ -95,6 +98,8 @@ class Snapshot:
         self.rollout_states = rollout_states or {}  # by rollout name
         self.loaded_at = loaded_at
         self.unmatched = unmatched
+        # grpc_error[code]: a response with that grpc-status counts as an error (grpc_error_statuses)
+        self.grpc_error = grpc_error or grpc_codes.error_table(grpc_codes.DEFAULT_ERRORS)
 
 
 def compile_snapshot(
@@ -174,6 +179,7 @@ def compile_snapshot(
         time.time() if loaded_at is None else loaded_at,
         stats.route_counts_for("", ""),
         states,
+        grpc_codes.error_table(rollout.grpc_error_statuses if rollout is not None else grpc_codes.DEFAULT_ERRORS),
     )
 
 

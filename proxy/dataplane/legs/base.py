@@ -47,6 +47,7 @@ class ClientLeg(Protocol):
     """What an upstream leg reports to the client side of the exchange it serves."""
 
     timeouts: Timeouts
+    peer: bytes  # the connection's address (X-Forwarded-For)
     transport: asyncio.Transport | None  # its write buffer bounds how much the upstream leg reads
     max_headers: int  # the client's header limits apply to the response head too
     max_header_size: int

@@ -14,9 +14,10 @@ from typing import cast
 import httptools
 
 from proxy.analysis.stats import KIND_PROTOCOL, KIND_RESET, KIND_TIMEOUT
-from proxy.dataplane import exchange, recording
+from proxy.dataplane import exchange, forwarding_h2, recording
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.base import P_CONNECT, P_PIPELINE, P_TUNNEL, P_UPLOAD, UpstreamLeg
+from proxy.dataplane.legs.grpc_answers import grpc_error_response
 from proxy.dataplane.legs.http1_io import (
     D_BODY,
     D_HEADER,
@@ -196,8 +197,12 @@ class ClientResponder(ClientIO):
             if req.reqid is None:
                 req.reqid = self.plane.new_request_id()
             head_only = req.method == b"HEAD"
-            transport.write(H.error_response(status, close, req.reqid, self.plane.via_line, head_only))
-            req.sent = 0 if head_only else H.error_body_size(status)
+            if status >= 400 and forwarding_h2.is_grpc(req.lines):  # gRPC clients read grpc-status
+                transport.write(grpc_error_response(status, close, req.reqid, self.plane.via_line))
+                req.sent = 0
+            else:
+                transport.write(H.error_response(status, close, req.reqid, self.plane.via_line, head_only))
+                req.sent = 0 if head_only else H.error_body_size(status)
         self.end_exchange(req)
 
     def upstream_lost(self, leg: UpstreamLeg, exc: Exception | None, transport: object) -> None:

@@ -76,6 +76,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.trailer: bytes | None = None  # the `Trailer` header
         self.trailers: list[bytes] | None = None  # trailer lines after a chunked body
         self.spare_fd = -1  # a tunnel's second descriptor of the socket (see keep_spare)
+        # The response ended with its head (HTTP/2 HEADERS with END_STREAM: a gRPC trailers-only
+        # answer); an HTTP/2 client leg then ends its stream with the head too. Never set here.
+        self.ended_with_head = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
