@@ -23,7 +23,7 @@ import grpc
 class EchoServer:
     """A grpcio server (cleartext HTTP/2) on 127.0.0.1, started in its own threads."""
 
-    def __init__(self, name: str, fail: bool = False) -> None:
+    def __init__(self, name: str, fail: bool = False, cert: tuple[bytes, bytes] | None = None) -> None:
         self.name = name
         self.fail = fail
         self.calls = 0
@@ -37,7 +37,10 @@ class EchoServer:
             "Slow": grpc.unary_unary_rpc_method_handler(self._slow),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if cert is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:  # (key PEM, certificate chain PEM): TLS with ALPN h2
+            self.port = self.server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([cert]))
         self.server.start()
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 
 import h2.config
@@ -142,7 +143,8 @@ class _Conn(asyncio.Protocol):
 class H2Server:
     """Listen on 127.0.0.1 (ephemeral port); `await close()` stops it and its handlers."""
 
-    def __init__(self, handler: Handler, max_streams: int = 100) -> None:
+    def __init__(self, handler: Handler, max_streams: int = 100, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.handler = handler
         self.max_streams = max_streams
         self.accepts = 0
@@ -158,7 +160,9 @@ class H2Server:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> H2Server:
-        self.server = await asyncio.get_running_loop().create_server(lambda: _Conn(self), "127.0.0.1", 0)
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: _Conn(self), "127.0.0.1", 0, ssl=self.tls
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
