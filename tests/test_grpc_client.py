@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from conftest import config_text, wait_for
+from conftest import config_text, free_port, wait_for
 from support.grpc_service import EchoServer
 
 from proxy.control.app import ProxyApp
@@ -163,3 +163,18 @@ async def status(app: ProxyApp) -> Any:
     url = f"http://127.0.0.1:{app.admin.bound_port}/status"
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         return json.loads(await r.text())
+
+
+async def test_own_errors_reach_grpc_clients_as_grpc_statuses(proxy_factory, clients) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    routes = "  - name: svc\n    match: {path_prefix: /echo.Echo/}\n    to: stable\n"
+    app = await proxy_factory(h2_config(dead, dead, routes=routes))
+    client = clients(app.plane.bound_port)
+    with pytest.raises(grpc.RpcError) as info:
+        await client.say(b"x")
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # upstream unreachable
+    assert "502" in (info.value.details() or "")
+    call = client.channel.unary_unary("/other.Svc/Do")
+    with pytest.raises(grpc.RpcError) as info:
+        await asyncio.to_thread(call, b"", timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no route

@@ -18,9 +18,10 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 from hpack import NeverIndexedHeaderTuple
 
-from proxy.dataplane import recording
+from proxy.dataplane import forwarding_h2, recording
 from proxy.dataplane.legs import http1_headers as H
 from proxy.dataplane.legs.base import UpstreamLeg
+from proxy.dataplane.legs.grpc_answers import grpc_error_fields
 from proxy.dataplane.legs.h2_limits import STREAM_BUFFER
 from proxy.dataplane.legs.h2_request import Header, response_fields
 from proxy.dataplane.legs.http1_upstream import UpstreamConnection
@@ -95,6 +96,15 @@ class H2Responder:
         req.status = status
         if req.reqid is None:
             req.reqid = self.plane.new_request_id()
+        if status >= 400 and forwarding_h2.is_grpc(req.lines):
+            # A gRPC client reads grpc-status: a trailers-only answer (README, "gRPC").
+            grpc = [(b":status", b"200"), *grpc_error_fields(status), *self._our_fields(req, False)]
+            req.sent = 0
+            if self.send_headers(grpc, True):
+                self.fin = True
+            self.ending = True
+            self.pump()
+            return
         body = b"%d %s\n" % (status, HTTPStatus(status).phrase.encode())
         fields = [
             (b":status", b"%d" % status),
@@ -167,7 +177,8 @@ class H2Responder:
         fields += self._our_fields(req, conn.has_reqid)
         if conn.trailer is not None and conn.chunked:
             fields.append((b"trailer", conn.trailer))
-        bodyless = req.method == b"HEAD" or status == 204 or status == 304
+        # A trailers-only answer (gRPC: grpc-status in the head) ends the stream with its head too.
+        bodyless = req.method == b"HEAD" or status == 204 or status == 304 or conn.ended_with_head
         if not self.send_headers(fields, bodyless):
             return
         if bodyless:
