@@ -354,11 +354,7 @@ class Receiver:
         return str(self.server.make_url("/hook"))
 
     async def wait_for(self, n: int) -> None:
-        for _ in range(500):
-            if len(self.bodies) >= n:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"only {len(self.bodies)} webhook calls")
+        await wait_until(lambda: len(self.bodies) >= n, 5.0, f"{n} webhook calls")
 
 
 async def test_webhook_retries_after_a_500() -> None:
@@ -371,10 +367,7 @@ async def test_webhook_retries_after_a_500() -> None:
         sender.send({"event": "step", "n": 2})
         await rx.wait_for(3)
         assert [b["n"] for b in rx.bodies] == [1, 1, 2]  # in order, the first one retried
-        for _ in range(100):
-            if sender.delivered == 2:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: sender.delivered == 2, 1.0, "both events delivered")
         assert (sender.delivered, sender.failed, sender.pending) == (2, 0, 0)
     finally:
         await sender.close()
@@ -388,10 +381,7 @@ async def test_webhook_gives_up_after_the_attempts(caplog: pytest.LogCaptureFixt
     try:
         sender.send({"event": "rollback"})  # sent inside a running loop: the worker starts lazily
         await rx.wait_for(3)
-        for _ in range(100):
-            if sender.failed:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: sender.failed, 1.0, "the sender to give up")
         assert sender.failed == 1 and "gave up" in caplog.text
     finally:
         await sender.close()
