@@ -15,7 +15,7 @@ from test_import_graph import SRC, graph
 from proxy import native
 
 # Import name -> the build requirement that provides its types (name as in pyproject).
-PROVIDES = {"yaml": "types-PyYAML", "h2": "h2", "hyperframe": "h2"}
+PROVIDES = {"yaml": "types-PyYAML", "h2": "h2", "hyperframe": "h2", "hpack": "h2"}  # h2 brings both
 
 
 def _reachable() -> set[str]:
