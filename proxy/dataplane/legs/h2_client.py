@@ -37,7 +37,7 @@ from hyperframe.frame import GoAwayFrame
 from proxy.dataplane import exchange
 from proxy.dataplane.legs import h2_limits as L
 from proxy.dataplane.legs.base import UpstreamLeg
-from proxy.dataplane.legs.h2_request import build
+from proxy.dataplane.legs.h2_request import Malformed, build, check_request, check_trailers
 from proxy.dataplane.legs.h2_respond import HOLD_CONNECTION, H2Responder
 from proxy.dataplane.legs.h2_stream import H2Stream
 from proxy.dataplane.legs.http1_buffers import READ_VIEW, WRITE_HIGH, WRITE_LOW
@@ -93,6 +93,8 @@ class H2ClientConnection(asyncio.BufferedProtocol):
                 header_encoding=None,
                 validate_outbound_headers=False,  # built by us from parsed, checked HTTP/1.1 fields
                 normalize_outbound_headers=False,
+                validate_inbound_headers=False,  # check_request / check_trailers: the same rules, cheaper
+                normalize_inbound_headers=False,  # cookie crumbs are joined by build / trailer_lines
             )
         )
         h2.local_settings = Settings(client=False, initial_values=L.local_settings(limits))
@@ -170,9 +172,15 @@ class H2ClientConnection(asyncio.BufferedProtocol):
             if not ev.data and ev.stream_ended is None and self.control.hit(now):
                 self.calm()
         elif isinstance(ev, RequestReceived):
+            headers = ev.headers or []
+            try:
+                check_request(headers)  # even for a stream reset already, as the library did
+            except Malformed as exc:
+                self.malformed(exc)
+                return
             if reset is not None and ev.stream_id in reset:
                 return
-            self.request(ev.stream_id, ev.headers, ev.stream_ended is not None)
+            self.request(ev.stream_id, headers, ev.stream_ended is not None)
         elif isinstance(ev, StreamEnded):
             stream = self.streams.get(ev.stream_id)
             if stream is not None:
@@ -187,9 +195,14 @@ class H2ClientConnection(asyncio.BufferedProtocol):
                 log.warning("HTTP/2 client %s reset too many streams (rapid reset): GOAWAY", self.peer.decode())
                 self.calm()
         elif isinstance(ev, TrailersReceived):
+            trailers = list(ev.headers or ())
+            try:
+                check_trailers(trailers)
+            except Malformed as exc:
+                self.malformed(exc)  # the connection is closed: no stream is left
             stream = self.streams.get(ev.stream_id)
             if stream is not None:
-                stream.on_trailers(list(ev.headers or ()))
+                stream.on_trailers(trailers)
         elif isinstance(ev, (PingReceived, PriorityUpdated)):
             if self.control.hit(now):
                 self.calm()
@@ -219,8 +232,8 @@ class H2ClientConnection(asyncio.BufferedProtocol):
 
     # -- streams ---------------------------------------------------------------------------------
 
-    def request(self, sid: int, headers: object, ended: bool) -> None:
-        """A new stream's complete header list: the request goes to the exchange."""
+    def request(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        """A new stream's complete header list (checked): the request goes to the exchange."""
         plane = self.plane
         if self.goaway:
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY (drain)
@@ -230,7 +243,7 @@ class H2ClientConnection(asyncio.BufferedProtocol):
         req.t0 = plane.clock.now
         req.keep_alive = False  # nothing follows on a stream (HTTP/1.1's notion, for the legs)
         try:
-            build(req, headers, ended, plane.via, req.snapshot.route_headers)  # type: ignore[arg-type]
+            build(req, headers, ended, plane.via, req.snapshot.route_headers)
             req.max_body = exchange.route(plane, req, self.peer)
             if req.max_body is not None and req.clen > req.max_body:
                 raise Reject(413)
@@ -315,9 +328,7 @@ class H2ClientConnection(asyncio.BufferedProtocol):
         stream id we will serve): in-flight streams finish, the client opens no new ones."""
         if self.plane.draining and not self.goaway and not self.closed:
             self.flush()
-            frame = GoAwayFrame(0)
-            frame.last_stream_id = self.h2.highest_inbound_stream_id
-            frame.error_code = ErrorCodes.NO_ERROR
+            frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=ErrorCodes.NO_ERROR)
             self.goaway = True
             if self.transport is not None:
                 self.transport.write(frame.serialize())
@@ -349,6 +360,14 @@ class H2ClientConnection(asyncio.BufferedProtocol):
 
     def pause_reading_for(self, reason: int) -> None:
         pass  # backpressure is per stream (flow control), never the whole connection
+
+    def malformed(self, exc: Malformed) -> None:
+        """GOAWAY PROTOCOL_ERROR (even after our drain GOAWAY, as the library did) and close."""
+        log.debug("HTTP/2 client %s: %s", self.peer.decode(), exc)
+        self.plane.stats.rejected += 1
+        with contextlib.suppress(ProtocolError):
+            self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
+        self.terminate(None)
 
     def calm(self) -> None:
         """GOAWAY ENHANCE_YOUR_CALM and close: the client abuses the protocol."""

@@ -6,7 +6,12 @@ Pseudo-headers map as documented (README, "HTTP/2"): `:method` is the method, `:
 `:authority` the Host (routing, vhosts, X-Forwarded-Host, the Host sent upstream); `:scheme` is
 checked by the protocol library and otherwise ignored (X-Forwarded-Proto follows the listener, as
 for HTTP/1.1). Every other field, gRPC metadata included, is an ordinary header for match rules.
-Pure functions; they raise :class:`~proxy.dataplane.legs.http1_request.Reject`.
+Pure functions; they raise :class:`~proxy.dataplane.legs.http1_request.Reject` (an answer on the
+stream) or :class:`Malformed` (GOAWAY PROTOCOL_ERROR).
+
+The protocol library's own inbound header validation is switched off (it costs a chain of seven
+generators per field); :func:`check_request` and :func:`check_trailers` keep every rule it applied
+(RFC 9113 8.2, 8.3) in one pass.
 """
 
 from __future__ import annotations
@@ -19,6 +24,89 @@ from proxy.dataplane.legs.http1_request import Reject, add_header, validate
 from proxy.dataplane.request import Request
 
 Header = tuple[bytes, bytes]
+
+
+class Malformed(Exception):
+    """A header list HTTP/2 forbids (RFC 9113 8.2, 8.3): a connection error, GOAWAY PROTOCOL_ERROR."""
+
+
+# The bytes a regular field name may hold (RFC 9113 8.2.1): visible ASCII without upper case or ':'.
+_NAME_BYTES = bytes(c for c in range(0x21, 0x7F) if not 0x41 <= c <= 0x5A and c != 0x3A)
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+# RFC 9113 8.2.2 (`te` is allowed with the value `trailers` only).
+_CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+
+
+def _check_field(name: bytes, value: bytes) -> None:
+    """One regular field: name characters, connection-specific fields, value characters."""
+    if not name or name.translate(None, _NAME_BYTES):
+        raise Malformed(f"invalid field name {name!r}")
+    if name in _CONNECTION_FIELDS:
+        raise Malformed(f"connection-specific field {name!r}")
+    if name == b"te" and value.lower() != b"trailers":
+        raise Malformed(f"te: {value!r}")
+    _check_value(value)
+
+
+def _check_value(value: bytes) -> None:
+    """No NUL, CR or LF anywhere; no space or tab at either end (RFC 9113 8.2.1)."""
+    if value and (
+        b"\r" in value or b"\n" in value or b"\0" in value or value[0] in (0x20, 0x09) or value[-1] in (0x20, 0x09)
+    ):
+        raise Malformed(f"invalid field value {value!r}")
+
+
+def check_request(headers: list[Header]) -> None:
+    """Raise :class:`Malformed` for a request header list RFC 9113 forbids: pseudo-headers that are
+    unknown, duplicated, after a regular field, missing (:method; :scheme and :path unless CONNECT)
+    or an empty :path; invalid names or values; connection-specific fields; :authority and Host
+    both present but different, or Host twice."""
+    seen: set[bytes] = set()
+    regular = False
+    method: bytes | None = None
+    authority: bytes | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular or name in seen or name not in _REQUEST_PSEUDO:
+                raise Malformed(f"pseudo-header {name!r} unknown, repeated or out of place")
+            seen.add(name)
+            _check_value(value)
+            if name == b":method":
+                method = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":path" and not value:
+                raise Malformed("empty :path")
+            continue
+        regular = True
+        _check_field(name, value)
+        if name == b"host":
+            if host is not None:
+                raise Malformed("Host twice")
+            host = value
+    if method is None:
+        raise Malformed("no :method")
+    if method == b"CONNECT" and b":protocol" not in seen:
+        if b":scheme" in seen or b":path" in seen:
+            raise Malformed("CONNECT with :scheme or :path")
+    elif b":scheme" not in seen or b":path" not in seen:
+        raise Malformed("no :scheme or :path")
+    elif method != b"CONNECT" and b":protocol" in seen:
+        raise Malformed(":protocol without CONNECT")
+    if authority is None and host is None:
+        raise Malformed("neither :authority nor Host")
+    if authority is not None and host is not None and authority != host:
+        raise Malformed(":authority and Host differ")
+
+
+def check_trailers(headers: list[Header]) -> None:
+    """Raise :class:`Malformed` for trailers RFC 9113 forbids: any pseudo-header, an invalid name or
+    value, a connection-specific field."""
+    for name, value in headers:
+        if name[:1] == b":":
+            raise Malformed(f"pseudo-header {name!r} in trailers")
+        _check_field(name, value)
 
 
 def build(
@@ -39,11 +127,13 @@ def build(
     method = path = authority = None
     cookies: list[bytes] = []
     plain: list[Header] = []
+    nheaders = hsize = 0
     for name, value in headers:
-        req.nheaders += 1
-        req.hsize += len(name) + len(value) + 4
-        if req.nheaders > max_headers or req.hsize > max_size:
-            raise Reject(431)
+        if name == b"cookie":
+            cookies.append(value)  # RFC 9113 8.2.3: crumbs are joined into one field (counted below)
+            continue
+        nheaders += 1
+        hsize += len(name) + len(value) + 4
         if name[:1] == b":":
             if name == b":method":
                 method = value
@@ -51,11 +141,16 @@ def build(
                 path = value
             elif name == b":authority":
                 authority = value
-            continue  # :scheme (checked by the protocol library); nothing else is accepted there
-        if name == b"cookie":
-            cookies.append(value)  # RFC 9113 8.2.3: crumbs are joined into one field
-            continue
+            continue  # :scheme (checked by check_request); nothing else is accepted there
         plain.append((name, value))
+    cookie = b"; ".join(cookies) if cookies else None
+    if cookie is not None:  # the joined field counts once
+        nheaders += 1
+        hsize += len(cookie) + 10
+    req.nheaders += nheaders
+    req.hsize += hsize
+    if req.nheaders > max_headers or req.hsize > max_size:
+        raise Reject(431)
     if method is None or path is None:
         raise Reject(400)
     req.method = method
@@ -66,8 +161,8 @@ def build(
         if name == b"content-length" and not value.isdigit():
             raise Reject(400)
         add_header(req, name, value, route_headers)
-    if cookies:
-        add_header(req, b"cookie", b"; ".join(cookies), route_headers)
+    if cookie is not None:
+        add_header(req, b"cookie", cookie, route_headers)
     if authority is not None:
         if req.host is None:
             req.host = authority
@@ -88,9 +183,14 @@ def trailer_lines(headers: Iterable[Header]) -> list[bytes]:
     """Request trailers (a HEADERS frame after the body) as HTTP/1.1 trailer lines; passed on
     only when the upstream request is chunked (see :func:`build`), like HTTP/1.1 trailers."""
     lines = []
+    cookies = []
     for name, value in headers:
-        if name[:1] != b":" and name not in _NOT_IN_TRAILERS:
+        if name == b"cookie":
+            cookies.append(value)  # joined, last (RFC 9113 8.2.3)
+        elif name[:1] != b":" and name not in _NOT_IN_TRAILERS:
             lines.append(name + b": " + value + b"\r\n")
+    if cookies:
+        lines.append(b"cookie: " + b"; ".join(cookies) + b"\r\n")
     return lines
 
 
