@@ -29,6 +29,12 @@ MODULES = (
     "proxy.dataplane.legs.http1_respond",
     "proxy.dataplane.legs.http1_request",
     "proxy.dataplane.legs.http1_upstream",
+    # HTTP/2 towards clients (the h2 library itself stays pure Python).
+    "proxy.dataplane.legs.h2_limits",
+    "proxy.dataplane.legs.h2_request",
+    "proxy.dataplane.legs.h2_respond",
+    "proxy.dataplane.legs.h2_stream",
+    "proxy.dataplane.legs.h2_client",
     # HTTP/2 upstreams: their classes extend the compiled UpstreamConnection and EndpointPool.
     "proxy.dataplane.legs.h2_upstream_stream",
     "proxy.dataplane.legs.h2_upstream",

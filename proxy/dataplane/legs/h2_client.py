@@ -37,6 +37,7 @@ from hyperframe.frame import GoAwayFrame
 from proxy.dataplane import exchange
 from proxy.dataplane.legs import h2_limits as L
 from proxy.dataplane.legs.base import UpstreamLeg
+from proxy.dataplane.legs.h2_hpack import ResponseEncoder
 from proxy.dataplane.legs.h2_request import Malformed, build, check_request, check_trailers
 from proxy.dataplane.legs.h2_respond import HOLD_CONNECTION, H2Responder
 from proxy.dataplane.legs.h2_stream import H2Stream
@@ -57,8 +58,7 @@ LINGER = 2.0  # after our GOAWAY: how long we read and drop before the final clo
 
 
 def take_over(plane: PlaneContext, transport: asyncio.Transport, peer: bytes, data: bytes) -> None:
-    """Make an HTTP/2 connection the protocol of `transport` (the HTTP/1.1 leg has let go of it);
-    `data`: what was read so far (the preface, and maybe more)."""
+    """Make an HTTP/2 connection the protocol of `transport`; `data`: what was read so far."""
     conn = H2ClientConnection(plane, peer)
     transport.set_protocol(conn)
     conn.connection_made(transport)
@@ -99,6 +99,7 @@ class H2ClientConnection(asyncio.BufferedProtocol):
         )
         h2.local_settings = Settings(client=False, initial_values=L.local_settings(limits))
         h2.decoder.max_header_list_size = L.max_header_list_size(limits)  # before the client's ACK too
+        h2.encoder = ResponseEncoder()  # stateless, memoised field encodings
         self.shrink_encoder()
         self.block_cap = L.header_block_cap(limits)
         self.resets = L.Counter(L.RESET_LIMIT)
