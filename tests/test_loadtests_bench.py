@@ -25,9 +25,11 @@ def _bench_env() -> dict[str, str]:
 
 def test_bench_prints_side_by_side_ratio(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
+    # The bench listens on fixed ports (base + 0..999). Keep them below the kernel's ephemeral range
+    # (32768-60999 by default): a port there may be held by another test's server bound to port 0.
     out = subprocess.run(
         [sys.executable, "-m", "loadtests.bench", "--quick", "--scenarios", "1", "--duration", "1",
-         "--base-port", "38000", "--results", str(results)],
+         "--base-port", "24000", "--results", str(results)],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env=_bench_env(),
     )
     assert out.returncode in (0, 1), out.stdout[-3000:] + out.stderr[-3000:]  # 1 = a target missed
