@@ -40,3 +40,20 @@ def test_size_update_first_and_memo_bounded() -> None:
     for i in range(MEMO_MAX + 5):
         enc.encode([(b"x-n", b"%d" % i)])
     assert len(enc.memo) <= MEMO_MAX
+
+
+def test_never_indexed_values_are_sent_as_is() -> None:
+    enc, dec = ResponseEncoder(), Decoder()
+    long = b"k=" + b"v" * 300
+    fields = [
+        NeverIndexedHeaderTuple(b"x-request-id", b"3f2a"),
+        NeverIndexedHeaderTuple(b"set-cookie", long),  # static name (55), a length over 127
+        NeverIndexedHeaderTuple(b"x-request-id", b""),
+    ]
+    block = enc.encode(fields)
+    assert b"3f2a" in block and long in block  # not Huffman coded
+    assert block[:1] == b"\x10"  # never indexed, literal name
+    decoded = dec.decode(block, raw=True)
+    assert [(n, v) for n, v in decoded] == [(n, v) for n, v in fields]
+    assert all(not h.indexable for h in decoded)
+    assert len(dec.header_table.dynamic_entries) == 0
